@@ -1,0 +1,150 @@
+"""Operations on a site's contracts, each checked against the contract's rules and audited.
+
+The CLI, the FUSE daemon and the exporter call these; they hold no user interface.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from .check import CheckReport, check
+from .errors import KiwiError, NotFound, UsageError
+from .i18n import _
+from .ingest import IngestStats, backup
+from .repository import Repository
+from .restore import Restorer, RestoreStats, lookup, split_path
+from .site import NAME_RE, ContractRecord, Site
+from .snapshot import Snapshot, resolve
+from .tree import TYPE_DIR, Node
+
+
+@contextmanager
+def audited(site: Site, action: str, rec: ContractRecord | None, details: dict | None = None,
+            sealed: dict | None = None, repo: Repository | None = None):
+    """Record ACTION with its outcome (ok / the error) whatever happens inside."""
+    out: dict = {"details": dict(details or {}), "sealed": dict(sealed or {})}
+    try:
+        yield out
+    except BaseException as exc:
+        out["details"]["error"] = str(exc) if isinstance(exc, KiwiError) else type(exc).__name__
+        _append(site, action, "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", rec, out, repo)
+        raise
+    _append(site, action, "ok", rec, out, repo)
+
+
+def _append(site: Site, action: str, outcome: str, rec: ContractRecord | None, out: dict,
+            repo: Repository | None) -> None:
+    cipher = None
+    sealed = out["sealed"] or None
+    if sealed:
+        try:
+            keys = repo.keys if repo is not None else site.contract_keys(rec)
+            cipher = keys.audit_cipher()
+        except KiwiError:
+            sealed = None  # no key (destroyed): nothing identifying is written in clear either
+    site.audit.append(action, outcome, rec.id if rec else None, out["details"], sealed, cipher)
+
+
+def open_contract(site: Site, name: str) -> tuple[ContractRecord, Repository]:
+    rec = site.contract(name)
+    return rec, site.open_repository(rec)
+
+
+def create_contract(site: Site, name: str, offer: str, client: str) -> ContractRecord:
+    with audited(site, "contract.create", None, {"name": name, "offer": offer}) as a:
+        rec = site.create_contract(name, offer, client)
+        a["details"]["contract_id"] = rec.id
+    return rec
+
+
+def add_machine(site: Site, contract: str, machine: str) -> ContractRecord:
+    if not NAME_RE.match(machine):
+        raise UsageError(_("invalid machine name {name!r} (letters, digits, '.', '_', '-'; 64 at most)").format(name=machine))
+    with site.registry_lock():
+        rec = site.contract(contract)
+        with audited(site, "machine.add", rec, {"machine": machine}):
+            if machine in rec.machines:
+                raise UsageError(_("machine {m!r} is already registered under {c!r}").format(m=machine, c=contract))
+            rec.machines[machine] = {"registered": site.clock.iso()}
+            site.save_contract(rec)
+    return rec
+
+
+def run_backup(site: Site, contract: str, machine: str, paths: list[str], tags: list[str],
+               time_ns: int | None = None, progress: Callable[[int, int], None] | None = None,
+               ) -> tuple[Snapshot, IngestStats]:
+    rec, repo = open_contract(site, contract)
+    if machine not in rec.machines:
+        raise NotFound(_("machine {m!r} is not registered under contract {c!r} (kiwi-restore machine add {c} {m})")
+                       .format(m=machine, c=contract))
+    bpaths = [os.fsencode(p) for p in paths]
+    with audited(site, "backup", rec, {"machine": machine}, {"paths": [os.fsdecode(p) for p in bpaths]}, repo) as a:
+        snap, stats = backup(repo, machine, bpaths, tags, time_ns or site.clock.now_ns(), progress)
+        a["details"].update({"snapshot": snap.hex, "files": stats.files, "bytes": stats.bytes,
+                             "stored_bytes": stats.stored_bytes, "errors": len(stats.errors)})
+    return snap, stats
+
+
+def list_snapshots(site: Site, contract: str, machine: str | None = None) -> tuple[ContractRecord, list[Snapshot]]:
+    rec, repo = open_contract(site, contract)
+    with audited(site, "snapshots.list", rec, {"machine": machine}):
+        snaps = repo.list_snapshots()
+    if machine:
+        snaps = [s for s in snaps if s.machine == machine]
+    return rec, snaps
+
+
+def list_path(site: Site, contract: str, spec: str | None, path: str | None, at: str | None,
+              machine: str | None, recursive: bool = False) -> tuple[Snapshot, list[tuple[bytes, Node]]]:
+    rec, repo = open_contract(site, contract)
+    with audited(site, "ls", rec, {}, {"path": path or "/"}, repo) as a:
+        snap = resolve(repo.list_snapshots(), spec, at, machine)
+        a["details"]["snapshot"] = snap.hex
+        node = lookup(repo, snap, path)
+        base = b"/" + b"/".join(split_path(path or "/"))
+        base = base.rstrip(b"/")
+        if node.type != TYPE_DIR:
+            return snap, [(base, node)]
+        if recursive:
+            from .restore import walk
+
+            return snap, [(base + p, n) for p, n in walk(repo, node)]
+        return snap, [(base + b"/" + n.name, n) for n in repo.load_tree(node.subtree)]
+
+
+def run_restore(site: Site, contract: str, spec: str | None, path: str | None, target: str,
+                at: str | None, machine: str | None, overwrite: bool,
+                progress: Callable[[int, int], None] | None = None) -> tuple[Snapshot, RestoreStats]:
+    rec, repo = open_contract(site, contract)
+    with audited(site, "restore", rec, {"overwrite": overwrite},
+                 {"path": path or "/", "target": os.path.abspath(target)}, repo) as a:
+        snap = resolve(repo.list_snapshots(), spec, at, machine)
+        a["details"]["snapshot"] = snap.hex
+        stats = Restorer(repo, overwrite, progress).run(snap, path, target)
+        a["details"].update({"files": stats.files, "bytes": stats.bytes})
+    return snap, stats
+
+
+def run_check(site: Site, contract: str, read_data: bool,
+              progress: Callable[[int], None] | None = None) -> CheckReport:
+    rec, repo = open_contract(site, contract)
+    with audited(site, "check", rec, {"read_data": read_data}) as a:
+        report = check(repo, read_data, progress)
+        a["details"].update({"problems": len(report.problems), "snapshots": report.snapshots})
+    if not report.ok:
+        site.audit.append("alert.integrity", "detected", rec.id,
+                          {"problems": len(report.problems), "first": report.problems[0][:300]})
+    return report
+
+
+def destroy_key(site: Site, contract: str) -> list[str]:
+    rec = site.contract(contract)
+    with audited(site, "key.destroy", rec) as a:
+        removed = site.keystore.destroy_contract_key(rec.id, site.clock.iso())
+        left = site.keystore.contract_key_copies(rec.id)
+        if left:
+            raise KiwiError(f"key copies remain: {left}")
+        a["details"]["copies_destroyed"] = len(removed)
+    return removed

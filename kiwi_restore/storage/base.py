@@ -1,0 +1,51 @@
+"""The storage backend interface every location implements (local directory, S3...)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Backend(ABC):
+    """Keys are '/'-separated relative names ('contracts/<id>/data/ab/<hex>').
+
+    Implementations are thread-safe and blocking. put() is atomic and never overwrites:
+    an existing key raises ObjectExists. get() of a missing key raises NotFound.
+    """
+
+    url: str
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing key is not an error (idempotent)."""
+
+    def exists(self, key: str) -> bool:
+        from ..errors import NotFound
+
+        try:
+            self.get_range(key, 0, 0)
+            return True
+        except NotFound:
+            return False
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
