@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from .check import CheckReport, check
-from .errors import KiwiError, NotFound, UsageError
+from .errors import KiwiError, NotFound, PolicyError, UsageError
 from .i18n import _
 from .ingest import IngestStats, backup
 from .repository import Repository
@@ -47,8 +47,21 @@ def _append(site: Site, action: str, outcome: str, rec: ContractRecord | None, o
     site.audit.append(action, outcome, rec.id if rec else None, out["details"], sealed, cipher)
 
 
-def open_contract(site: Site, name: str) -> tuple[ContractRecord, Repository]:
+def ensure_access(site: Site, rec: ContractRecord, action: str) -> None:
+    """Refuse reading a contract's data once its restore window has closed (Art. 17, 18.1)."""
+    window_end = rec.lifecycle.get("window_end")
+    if window_end and site.clock.iso() >= window_end:
+        site.audit.append(f"{action}.refused", "refused", rec.id, {"reason": "restore window closed"})
+        raise PolicyError(_("{action} refused: the restore window of {name} closed on {end} "
+                            "(end of contract {eoc})").format(action=action, name=rec.name, end=window_end,
+                                                              eoc=rec.lifecycle.get("end_of_contract", "?")))
+
+
+def open_contract(site: Site, name: str, action: str | None = None) -> tuple[ContractRecord, Repository]:
+    """The contract's record and repository; ACTION (mount, restore, export...) checks access."""
     rec = site.contract(name)
+    if action is not None:
+        ensure_access(site, rec, action)
     return rec, site.open_repository(rec)
 
 
@@ -98,7 +111,7 @@ def list_snapshots(site: Site, contract: str, machine: str | None = None) -> tup
 
 def list_path(site: Site, contract: str, spec: str | None, path: str | None, at: str | None,
               machine: str | None, recursive: bool = False) -> tuple[Snapshot, list[tuple[bytes, Node]]]:
-    rec, repo = open_contract(site, contract)
+    rec, repo = open_contract(site, contract, "ls")
     with audited(site, "ls", rec, {}, {"path": path or "/"}, repo) as a:
         snap = resolve(repo.list_snapshots(), spec, at, machine)
         a["details"]["snapshot"] = snap.hex
@@ -117,7 +130,7 @@ def list_path(site: Site, contract: str, spec: str | None, path: str | None, at:
 def run_restore(site: Site, contract: str, spec: str | None, path: str | None, target: str,
                 at: str | None, machine: str | None, overwrite: bool,
                 progress: Callable[[int, int], None] | None = None) -> tuple[Snapshot, RestoreStats]:
-    rec, repo = open_contract(site, contract)
+    rec, repo = open_contract(site, contract, "restore")
     with audited(site, "restore", rec, {"overwrite": overwrite},
                  {"path": path or "/", "target": os.path.abspath(target)}, repo) as a:
         snap = resolve(repo.list_snapshots(), spec, at, machine)
