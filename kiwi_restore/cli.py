@@ -203,6 +203,13 @@ def _display(name: bytes) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def _with_at(at: str | None, snapshot: str | None, path: str | None) -> tuple[str | None, str | None]:
+    """With --at, the first positional after CONTRACT is the PATH."""
+    if at is not None and path is None and snapshot not in (None, "latest"):
+        return None, snapshot
+    return snapshot, path
+
+
 @cli.command("ls")
 @click.argument("contract")
 @click.argument("snapshot", required=False)
@@ -215,7 +222,11 @@ def _display(name: bytes) -> str:
 @pass_ctx
 def ls_cmd(c: Ctx, contract: str, snapshot: str | None, path: str | None, at: str | None,
            machine: str | None, recursive: bool, long_: bool, as_json: bool) -> None:
-    """List PATH (default /) in SNAPSHOT (an id, a unique prefix, 'latest') of CONTRACT."""
+    """List PATH (default /) in SNAPSHOT (an id, a unique prefix, 'latest') of CONTRACT.
+
+    With --at TIME, leave SNAPSHOT out: `ls CONTRACT --at TIME [PATH]`.
+    """
+    snapshot, path = _with_at(at, snapshot, path)
     snap, entries = service.list_path(c.site, contract, snapshot, path, at, machine, recursive)
     if as_json:
         _json({"snapshot": snap.hex, "entries": [{
@@ -256,7 +267,9 @@ def restore_cmd(c: Ctx, contract: str, snapshot: str | None, path: str | None, t
 
     Without PATH the snapshot's whole tree is restored below the target with its original
     paths; with PATH, that file or directory lands in the target under its own name.
+    With --at TIME, leave SNAPSHOT out: `restore CONTRACT --at TIME [PATH] --target DIR`.
     """
+    snapshot, path = _with_at(at, snapshot, path)
     from .progress import bytes_bar
 
     with bytes_bar(_("restore")) as bar:
