@@ -95,7 +95,8 @@ def contract_list(c: Ctx, as_json: bool) -> None:
         _json([r.to_json() for r in recs])
         return
     for r in recs:
-        click.echo(f"{r.name:24} {r.offer:6} {len(r.machines):3} {_('machines')}  {r.client}")
+        label = _("machines")
+        click.echo(f"{r.name:24} {r.offer:6} {len(r.machines):3} {label}  {r.client}")
 
 
 @contract.command("show")
@@ -407,7 +408,8 @@ def main() -> None:
     except KiwiError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"kiwi-restore: {_('error')}: {exc}", err=True)
+        label = _("error")
+        click.echo(f"kiwi-restore: {label}: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo(_("interrupted"), err=True)
@@ -415,7 +417,8 @@ def main() -> None:
     except Exception as exc:  # a bug: say so plainly, details with --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"kiwi-restore: {_('internal error')}: {type(exc).__name__}: {exc}"
+        label = _("internal error")
+        click.echo(f"kiwi-restore: {label}: {type(exc).__name__}: {exc}"
                    + ("" if debug else _(" (run with --debug for details)")), err=True)
         sys.exit(70)
     sys.exit(0)

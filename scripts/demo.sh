@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The README's first command: set up, then run kiwi-restore's main job on the embedded
+# default (local directory store, local keystore; no server needed), in ./demo:
+# a health-data contract, two machines, a few snapshots, listing and restoring a file,
+# an integrity check and the audit trail's verification.
+# Re-running starts the demo afresh (./demo is replaced).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+ROOT=$PWD/demo
+rm -rf "$ROOT"
+mkdir -p "$ROOT"
+export KIWI_RESTORE_HOME=$ROOT/site
+export KIWI_RESTORE_PASSPHRASE_FILE=$ROOT/passphrase
+export KIWI_RESTORE_ACTOR=demo-operator
+head -c 24 /dev/urandom | base64 > "$KIWI_RESTORE_PASSPHRASE_FILE"
+chmod 600 "$KIWI_RESTORE_PASSPHRASE_FILE"
+K() { echo; echo "\$ kiwi-restore $*"; .venv/bin/kiwi-restore "$@"; }
+
+# a small medical office's data, on two machines
+.venv/bin/python scripts/make_demo_tree.py "$ROOT/reception" "$ROOT/cabinet"
+
+K init
+K contract create cabinet-martin --offer sante --client "Cabinet du Dr Martin"
+K machine add cabinet-martin reception
+K machine add cabinet-martin cabinet
+K backup cabinet-martin --machine reception "$ROOT/reception" --time 2026-09-01T18:00
+K backup cabinet-martin --machine cabinet "$ROOT/cabinet" --time 2026-09-01T18:30
+echo "Lettre modifiée le 2 septembre" >> "$ROOT/cabinet/Patients/Dupont Jeanne/Courrier 2026-08-28.txt"
+K backup cabinet-martin --machine cabinet "$ROOT/cabinet" --time 2026-09-02T18:30
+rm "$ROOT/cabinet/Patients/Dupont Jeanne/Courrier 2026-08-28.txt"
+K backup cabinet-martin --machine cabinet "$ROOT/cabinet" --time 2026-09-03T18:30
+K snapshots cabinet-martin
+K ls cabinet-martin latest "$ROOT/cabinet/Patients" --machine cabinet -l
+echo; echo "# the letter was deleted on the 3rd: restore it as it was on the 2nd"
+K restore cabinet-martin --at 2026-09-02T23:59 --machine cabinet \
+  "$ROOT/cabinet/Patients/Dupont Jeanne/Courrier 2026-08-28.txt" --target "$ROOT/restored"
+echo; echo "\$ cat $ROOT/restored/Courrier 2026-08-28.txt"
+cat "$ROOT/restored/Courrier 2026-08-28.txt"
+K check cabinet-martin --read-data
+K audit verify
+echo
+echo "Demo site: $KIWI_RESTORE_HOME (passphrase in $KIWI_RESTORE_PASSPHRASE_FILE)."
+echo "Try: KIWI_RESTORE_HOME=$KIWI_RESTORE_HOME KIWI_RESTORE_PASSPHRASE_FILE=$KIWI_RESTORE_PASSPHRASE_FILE .venv/bin/kiwi-restore --help"

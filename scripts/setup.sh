@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install what kiwi-restore needs on Debian 12 (run as root, or with sudo available):
+# system packages, then a virtualenv in .venv with the project installed editable.
+# Idempotent: skips what is already there. Usage: scripts/setup.sh [--test]
+#   --test   also install what the test suite needs (pytest, hypothesis, ruff, tools it drives)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WITH_TEST=0
+[ "${1:-}" = "--test" ] && WITH_TEST=1
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+PKGS="python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev"
+[ $WITH_TEST = 1 ] && PKGS="$PKGS rsync attr gettext libarchive-tools unzip zip openssh-server curl"
+missing=""
+for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  echo "[setup] installing Debian packages:$missing" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
+  $SUDO apt-get install -y -qq --no-install-recommends $missing >&2
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv" >&2
+  python3 -m venv .venv
+fi
+# a stamp records what was installed; a test install also covers a plain one
+stamp=.venv/.kiwi-installed
+hash=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+have=$(cat $stamp 2>/dev/null || true)
+if [ "$have" != "$hash-1" ] && [ "$have" != "$hash-$WITH_TEST" ]; then
+  echo "[setup] installing Python packages into .venv" >&2
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >&2
+  if [ $WITH_TEST = 1 ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >&2
+  else
+    .venv/bin/pip install -q --disable-pip-version-check -e . >&2
+  fi
+  echo "$hash-$WITH_TEST" > $stamp
+fi
+echo "[setup] ready: $(.venv/bin/kiwi-restore --version)" >&2
