@@ -395,6 +395,37 @@ def audit_verify(c: Ctx) -> None:
         sys.exit(5)
 
 
+@cli.group()
+def certificate() -> None:
+    """Signed export reports and deletion certificates."""
+
+
+@certificate.command("verify")
+@click.argument("document", type=click.Path(dir_okay=False))
+@click.option("--public-key", type=click.Path(dir_okay=False, exists=True),
+              help=_("Trust this provider public key (PEM) instead of the site's own."))
+@click.option("--json", "as_json", is_flag=True, help=_("Print JSON."))
+@pass_ctx
+def certificate_verify(c: Ctx, document: str, public_key: str | None, as_json: bool) -> None:
+    """Check the Ed25519 signature of an export report or deletion certificate (offline)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from .signing import verify
+
+    if public_key:
+        with open(public_key, "rb") as f:
+            trusted = load_pem_public_key(f.read())
+    else:
+        trusted = c.site.keystore.public_key()
+    res = verify(document, trusted)
+    if as_json:
+        _json({"valid": True, "key_fingerprint": res.fingerprint, "document_sha256": res.sha256,
+               "type": res.document.get("type")})
+        return
+    click.echo(_("valid signature by the provider key {fp} on {type} {id}").format(
+        fp=res.fingerprint, type=res.document.get("type", "?"), id=res.document.get("id", "?")))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
