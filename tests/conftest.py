@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from servers import ceph_s3, moto_s3, s3_server, sftp_server  # noqa: F401 (fixtures)
 
 from kiwi_restore.cli import cli
 from kiwi_restore.site import Site
