@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -23,6 +22,11 @@ class LocalBackend(Backend):
         self.url = "file://" + self.root
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
+        # Readers hold a reference while they pread; an evicted or deleted descriptor is
+        # closed only by its last reader, so a recycled descriptor number can never be
+        # read by a thread that still thinks it belongs to another pack.
+        self._fd_users: dict[int, int] = {}
+        self._fd_doomed: set[int] = set()
 
     def _path(self, key: str) -> str:
         _check_key(key)
@@ -37,11 +41,13 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise BackendError(f"cannot read {key} from {self.url}: {exc.strerror}") from None
 
-    def _fd(self, key: str) -> int:
+    def _acquire(self, key: str) -> int:
         # Packs are immutable: keep a few descriptors open for ranged reads (mount hot path).
-        fd = self._fds.get(key)
-        if fd is not None:
-            return fd
+        with self._fd_lock:
+            fd = self._fds.get(key)
+            if fd is not None:
+                self._fd_users[fd] = self._fd_users.get(fd, 0) + 1
+                return fd
         path = self._path(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -50,25 +56,44 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise BackendError(f"cannot open {key} in {self.url}: {exc.strerror}") from None
         with self._fd_lock:
-            if len(self._fds) >= 64:
-                _, old = self._fds.popitem()
-                os.close(old)
-            prev = self._fds.setdefault(key, fd)
-        if prev != fd:
+            prev = self._fds.get(key)
+            if prev is not None:
+                os.close(fd)
+                fd = prev
+            else:
+                if len(self._fds) >= 64:
+                    _, old = self._fds.popitem()
+                    self._retire_locked(old)
+                self._fds[key] = fd
+            self._fd_users[fd] = self._fd_users.get(fd, 0) + 1
+        return fd
+
+    def _release(self, fd: int) -> None:
+        with self._fd_lock:
+            n = self._fd_users[fd] - 1
+            if n:
+                self._fd_users[fd] = n
+                return
+            del self._fd_users[fd]
+            if fd in self._fd_doomed:
+                self._fd_doomed.discard(fd)
+                os.close(fd)
+
+    def _retire_locked(self, fd: int) -> None:
+        """Close FD (no longer in the cache) now, or when its last reader releases it."""
+        if self._fd_users.get(fd):
+            self._fd_doomed.add(fd)
+        else:
             os.close(fd)
-        return prev
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        for _attempt in range(2):
-            fd = self._fd(key)
-            try:
-                data = os.pread(fd, length, offset)
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBADF:
-                    raise BackendError(f"cannot read {key} in {self.url}: {exc.strerror}") from None
-                with self._fd_lock:  # closed by a concurrent eviction: reopen
-                    self._fds.pop(key, None)
+        fd = self._acquire(key)
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError as exc:
+            raise BackendError(f"cannot read {key} in {self.url}: {exc.strerror}") from None
+        finally:
+            self._release(fd)
         if len(data) != length:
             raise BackendError(f"short read of {key} at {offset}: {len(data)} of {length} bytes")
         return data
@@ -136,8 +161,8 @@ class LocalBackend(Backend):
         path = self._path(key)
         with self._fd_lock:
             fd = self._fds.pop(key, None)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                self._retire_locked(fd)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -156,5 +181,5 @@ class LocalBackend(Backend):
     def close(self) -> None:
         with self._fd_lock:
             fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            for fd in fds.values():
+                self._retire_locked(fd)
