@@ -117,6 +117,146 @@ def contract_show(c: Ctx, name: str, as_json: bool) -> None:
     click.echo(f"{'machines:':10} {', '.join(sorted(r.machines)) or '-'}")
 
 
+@contract.command("terminate")
+@click.argument("name")
+@click.option("--letter-received", "letter", required=True, metavar="DATE",
+              help=_("Day the termination letter was received (YYYY-MM-DD)."))
+@click.option("--notice-months", type=int, help=_("Notice in calendar months (default: the site's, 3)."))
+@pass_ctx
+def contract_terminate(c: Ctx, name: str, letter: str, notice_months: int | None) -> None:
+    """Record the termination letter of NAME: end of contract, restore window, deletion date."""
+    from . import termination
+
+    rec = termination.terminate(c.site, name, letter, notice_months)
+    s = rec.lifecycle["schedule"]
+    click.echo(_("{name}: end of contract {eoc}; restores open until {last} inclusive; deletion due from {due}")
+               .format(name=name, eoc=s["end_of_contract"], last=s["restore_window_last_day"], due=s["window_closes_at"]))
+
+
+@contract.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help=_("Print JSON."))
+@pass_ctx
+def contract_status(c: Ctx, name: str, as_json: bool) -> None:
+    """State of NAME, every date of its end, and what is due next."""
+    from . import termination
+
+    st = termination.status(c.site, name)
+    if as_json:
+        _json(st.to_json())
+        return
+    click.echo(f"{_('contract')}: {st.name} ({st.offer})")
+    click.echo(f"{_('state')}: {st.state}")
+    for k, v in (st.schedule or {}).items():
+        click.echo(f"  {k}: {v}")
+    if st.reversibility:
+        click.echo(f"  reversibility_requested: {st.reversibility['requested']}"
+                   + (" (late, forced)" if st.reversibility.get("forced") else ""))
+    if st.destroy_requested:
+        click.echo(f"  destroy_requested: {st.destroy_requested}")
+    for h in st.holds:
+        click.echo(_("  legal hold since {placed}: {reason}").format(**h))
+    if st.data_act_flag:
+        click.echo(_("flag: the restore window of this offer is shorter than the Data Act's 30-day retrieval "
+                     "period (Regulation 2023/2854, Art. 25(2)(g)), where it applies"))
+    click.echo(f"{_('next')}: {st.next_due}")
+
+
+@contract.command("reversibility")
+@click.argument("name")
+@click.option("--requested", required=True, metavar="DATE", help=_("Day the client's request was received."))
+@click.option("--force", is_flag=True, help=_("Accept a request later than 1 month after the letter (audited)."))
+@pass_ctx
+def contract_reversibility(c: Ctx, name: str, requested: str, force: bool) -> None:
+    """Record the client's reversibility request (Art. 18.1)."""
+    from . import termination
+
+    rec = termination.request_reversibility(c.site, name, requested, force)
+    click.echo(_("reversibility request of {d} recorded for {name}").format(d=rec.lifecycle["reversibility"]["requested"],
+                                                                             name=name))
+
+
+@contract.command("destroy-request")
+@click.argument("name")
+@click.option("--yes-destroy", "confirm", metavar="NAME", help=_("Confirm by repeating the contract's name."))
+@pass_ctx
+def contract_destroy_request(c: Ctx, name: str, confirm: str | None) -> None:
+    """Record the client's request to destroy all its data now (Art. 18.1); the next purge does it."""
+    from . import termination
+
+    _confirm(name, confirm, _("The client asks to destroy every copy of {name} now; restores end at once. "
+                              "Type the contract's name to confirm"))
+    termination.request_destruction(c.site, name)
+    click.echo(_("destruction of {name} requested; the next 'kiwi-restore purge --due' carries it out").format(name=name))
+
+
+@contract.command("hold")
+@click.argument("name")
+@click.option("--reason", required=True, help=_("Legal basis, e.g. the judicial request's reference."))
+@pass_ctx
+def contract_hold(c: Ctx, name: str, reason: str) -> None:
+    """Put NAME under legal hold (Art. 19.3): no purge touches it until released."""
+    from . import termination
+
+    termination.hold(c.site, name, reason)
+    click.echo(_("{name} is under legal hold; notify the client in writing (Art. 19.3)").format(name=name))
+
+
+@contract.command("release")
+@click.argument("name")
+@pass_ctx
+def contract_release(c: Ctx, name: str) -> None:
+    """Release the legal holds of NAME."""
+    from . import termination
+
+    termination.release(c.site, name)
+    click.echo(_("legal hold of {name} released").format(name=name))
+
+
+def _confirm(name: str, given: str | None, prompt: str) -> None:
+    if given is None:
+        if not sys.stdin.isatty():
+            raise UsageError(_("refused: confirm with --yes-destroy {name}").format(name=name))
+        given = click.prompt(prompt.format(name=name))
+    if given != name:
+        raise UsageError(_("confirmation does not match the contract's name; nothing destroyed"))
+
+
+@cli.command("purge")
+@click.option("--due", is_flag=True, required=True, help=_("Purge every contract whose deletion is due."))
+@click.option("--dry-run", is_flag=True, help=_("Say what would be purged; change nothing."))
+@pass_ctx
+def purge_cmd(c: Ctx, due: bool, dry_run: bool) -> None:
+    """The nightly job: destroy every copy of contracts whose restore window closed (or whose
+    client asked), crypto-erase their keys, verify, and issue signed deletion certificates.
+    Idempotent; one run at a time; contracts under legal hold are never touched."""
+    from .purge import purge_due
+
+    outcomes = purge_due(c.site, dry_run, log=click.echo)
+    if not outcomes:
+        click.echo(_("nothing due"))
+    if any(o.problems for o in outcomes):
+        sys.exit(5)
+
+
+@cli.group()
+def reversibility() -> None:
+    """Reversibility (Art. 18): information pack and plan."""
+
+
+@reversibility.command("plan")
+@click.argument("contract")
+@click.option("--output", "-o", default=".", type=click.Path(file_okay=False), help=_("Directory for the documents."))
+@click.option("--rate", default=50, show_default=True, help=_("Assumed transfer rate in MB/s for the estimate."))
+@pass_ctx
+def reversibility_plan(c: Ctx, contract: str, output: str, rate: int) -> None:
+    """Write the reversibility information pack and plan of CONTRACT, in French and English."""
+    from .reversibility import plan
+
+    for p in plan(c.site, contract, output, rate):
+        click.echo(p)
+
+
 @cli.group()
 def machine() -> None:
     """Machines registered under a contract (Art. 7, 10)."""
@@ -321,13 +461,8 @@ def key() -> None:
 def key_destroy(c: Ctx, contract: str, confirm: str | None) -> None:
     """Crypto-erase CONTRACT: destroy every copy of its key. Nothing of it can be decrypted after."""
     rec = c.site.contract(contract)
-    if confirm is None:
-        if not sys.stdin.isatty():
-            raise UsageError(_("refused: confirm with --yes-destroy {name}").format(name=rec.name))
-        confirm = click.prompt(_("This destroys every copy of the key of {name}; its data becomes unreadable "
-                                 "for good. Type the contract's name to confirm").format(name=rec.name))
-    if confirm != rec.name:
-        raise UsageError(_("confirmation does not match the contract's name; nothing destroyed"))
+    _confirm(rec.name, confirm, _("This destroys every copy of the key of {name}; its data becomes unreadable "
+                                  "for good. Type the contract's name to confirm"))
     removed = service.destroy_key(c.site, contract)
     click.echo(_("key of {name} destroyed ({n} copies erased)").format(name=rec.name, n=len(removed)))
 
@@ -424,6 +559,8 @@ def certificate_verify(c: Ctx, document: str, public_key: str | None, as_json: b
         return
     click.echo(_("valid signature by the provider key {fp} on {type} {id}").format(
         fp=res.fingerprint, type=res.document.get("type", "?"), id=res.document.get("id", "?")))
+
+
 
 
 def main() -> None:

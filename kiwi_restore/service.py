@@ -48,13 +48,28 @@ def _append(site: Site, action: str, outcome: str, rec: ContractRecord | None, o
 
 
 def ensure_access(site: Site, rec: ContractRecord, action: str) -> None:
-    """Refuse reading a contract's data once its restore window has closed (Art. 17, 18.1)."""
-    window_end = rec.lifecycle.get("window_end")
-    if window_end and site.clock.iso() >= window_end:
-        site.audit.append(f"{action}.refused", "refused", rec.id, {"reason": "restore window closed"})
-        raise PolicyError(_("{action} refused: the restore window of {name} closed on {end} "
-                            "(end of contract {eoc})").format(action=action, name=rec.name, end=window_end,
-                                                              eoc=rec.lifecycle.get("end_of_contract", "?")))
+    """Refuse reading a contract's data once its restore window has closed (Art. 17, 18.1),
+    once its client asked for its destruction, or once it is purged."""
+    from . import lifecycle
+
+    lc = rec.lifecycle
+    now = site.clock.iso()
+    sched = lc.get("schedule") or {}
+    reason = None
+    if (lc.get("purge") or {}).get("started"):
+        reason = _("{action} refused: contract {name} has been purged (certificate {cert})").format(
+            action=action, name=rec.name, cert=lc["purge"].get("certificate_id"))
+    elif lc.get("destroy_requested"):
+        reason = _("{action} refused: the client asked for the destruction of {name} on {when}").format(
+            action=action, name=rec.name, when=lc["destroy_requested"])
+    elif lifecycle.deletion_due(lc, now):
+        reason = _("{action} refused: the restore window of {name} closed on {end} "
+                   "(end of contract {eoc}, last day of restores {last})").format(
+            action=action, name=rec.name, end=sched["window_closes_at"], eoc=sched["end_of_contract"],
+            last=sched["restore_window_last_day"])
+    if reason:
+        site.audit.append(f"{action}.refused", "refused", rec.id, {"reason": reason})
+        raise PolicyError(reason)
 
 
 def open_contract(site: Site, name: str, action: str | None = None) -> tuple[ContractRecord, Repository]:

@@ -39,6 +39,21 @@ echo; echo "\$ cat $ROOT/restored/Courrier 2026-08-28.txt"
 cat "$ROOT/restored/Courrier 2026-08-28.txt"
 K check cabinet-martin --read-data
 K audit verify
+echo; echo "# end of contract: the letter arrived on 2026-09-01; the health-data restore window"
+echo "# (90 days after the end of contract) closes on 2027-03-01. The demo moves its clock past it."
+K contract terminate cabinet-martin --letter-received 2026-09-01
+K contract status cabinet-martin
+export KIWI_RESTORE_CLOCK=2027-03-02T03:00   # demo only: refused on a production site
+K purge --due
+unset KIWI_RESTORE_CLOCK
+CERT=$(ls "$KIWI_RESTORE_HOME"/certificates/KR-DEL-*.json | grep -v canonical)
+echo; echo "\$ cat $CERT"; cat "$CERT"
+K certificate verify "$CERT"
+.venv/bin/kiwi-restore key public > "$ROOT/provider.pem"
+echo; echo "\$ openssl pkeyutl -verify -pubin -inkey provider.pem -rawin -in ${CERT%.json}.canonical.json -sigfile ${CERT%.json}.sig"
+openssl pkeyutl -verify -pubin -inkey "$ROOT/provider.pem" -rawin -in "${CERT%.json}.canonical.json" -sigfile "${CERT%.json}.sig"
+K restore cabinet-martin latest --target "$ROOT/too-late" || echo "(refused, as it must be)"
+K audit verify
 echo
 echo "Demo site: $KIWI_RESTORE_HOME (passphrase in $KIWI_RESTORE_PASSPHRASE_FILE)."
 echo "Try: KIWI_RESTORE_HOME=$KIWI_RESTORE_HOME KIWI_RESTORE_PASSPHRASE_FILE=$KIWI_RESTORE_PASSPHRASE_FILE .venv/bin/kiwi-restore --help"
