@@ -90,8 +90,8 @@ def encode_index(entries: Iterable[BlobLocation], supersedes: Iterable[bytes] = 
         pack_no = packs.setdefault(e.pack_id, len(packs))
         rows.append(RECORD.pack(e.blob_id, pack_no, e.offset, e.length, e.raw_length, e.kind))
     rows.sort()
-    # Two records for one id (same blob in two packs after an interrupted backup) are fine:
-    # the search returns the first.
+    # Two records for one id (two writers after a lock judged stale stored the same blob) are
+    # fine: the search returns the first, and both locations hold valid copies.
     return msgpack.packb(
         {"packs": list(packs), "records": b"".join(rows), "supersedes": list(supersedes)},
         use_bin_type=True,

@@ -72,9 +72,10 @@ class Node:
     def to_doc(self) -> dict:
         d: dict = {"name": self.name, "type": self.type, "mode": self.mode, "uid": self.uid,
                    "gid": self.gid, "mtime": self.mtime, "atime": self.atime, "ctime": self.ctime}
-        if self.user is not None:
+        # owner names from a system database that are not UTF-8 are left out (the ids stay)
+        if self.user is not None and _utf8(self.user):
             d["user"] = self.user
-        if self.group is not None:
+        if self.group is not None and _utf8(self.group):
             d["group"] = self.group
         if self.type == TYPE_FILE:
             d["size"] = self.size
@@ -116,6 +117,14 @@ class Node:
         n.hardlink = d.get("hardlink", 0)
         n.nlink = d.get("nlink", 1)
         return n
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def chunk_at(offsets: list[int], offset: int) -> int:

@@ -64,3 +64,24 @@ def test_two_ingests_at_once_both_succeed(tmp_path, kiwi, contract):
     _, out = kiwi("snapshots", contract, "--json")
     assert out.count('"id"') == 2
     kiwi("check", contract, "--read-data")
+
+
+def test_a_long_writer_keeps_its_lock_fresh(kiwi, contract, site, monkeypatch):
+    from kiwi_restore import repository
+
+    monkeypatch.setattr(repository, "LOCK_REFRESH_SECONDS", 0.05)
+    repo = site.open_repository(site.contract(contract))
+    with repo.lock() as lock:
+        first = lock.lock_id
+        time.sleep(0.3)
+        assert lock.lock_id != first  # rewritten under a new id, the old one removed
+        assert [lid for lid, _ in repo._ids("locks")] == [lock.lock_id]
+    assert list(repo._ids("locks")) == []
+
+
+def test_owner_names_that_are_not_utf8_are_left_out():
+    from kiwi_restore.tree import Node, decode_tree, encode_tree
+
+    n = Node(name=b"f", type="f", uid=1000, user="caf\udce9", group="staff")
+    (back,) = decode_tree(encode_tree([n]), "tree")
+    assert back.user is None and back.uid == 1000 and back.group == "staff"
