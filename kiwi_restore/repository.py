@@ -57,6 +57,10 @@ DEFAULT_CHUNKER = {"algorithm": "fastcdc2020", "min_size": 64 << 10, "avg_size":
 INDEX_CONSOLIDATE_AT = 16
 
 
+class _ConfigNotOpened(IntegrityError):
+    """The config did not decrypt: a wrong key, or this copy is corrupt (another may open)."""
+
+
 def new_id() -> bytes:
     return os.urandom(ID_SIZE)
 
@@ -131,17 +135,27 @@ class Repository:
     @classmethod
     def open(cls, backend: Backend, prefix: str, keys: ContractKeys, **kw) -> Repository:
         key = prefix.rstrip("/") + "/config"
+
+        def open_config(raw: bytes) -> bytes:
+            check_preamble(raw, KIND_CONFIG, "config")
+            try:
+                return open_sealed(keys.file_cipher(CONFIG_ID), memoryview(raw)[PREAMBLE.size:],
+                                   associated_data(keys.contract_id, KIND_CONFIG, CONFIG_ID), "config")
+            except IntegrityError as exc:
+                raise _ConfigNotOpened(str(exc)) from None
+
         try:
-            raw = backend.get(key)
+            # read_verified: a replicated backend retries another location if this copy fails
+            plain = backend.read_verified(key, lambda b: b.get(key), open_config)
         except NotFound:
             raise NotFound(_("no repository at {where}").format(where=f"{backend.url}/{prefix}")) from None
-        check_preamble(raw, KIND_CONFIG, "config")
-        try:
-            plain = open_sealed(keys.file_cipher(CONFIG_ID), memoryview(raw)[PREAMBLE.size:],
-                                associated_data(keys.contract_id, KIND_CONFIG, CONFIG_ID), "config")
-        except IntegrityError:
+        except _ConfigNotOpened:
             raise AuthError(_("the key does not open this repository (wrong key, or its config is corrupt)")) from None
         doc = msgpack.unpackb(compression.decompress(plain, None, "config"), raw=False)
+        if doc.get("version") != 1:
+            raise IntegrityError(f"config: unsupported repository config version {doc.get('version')}")
+        if doc.get("chunker", {}).get("algorithm") != "fastcdc2020":
+            raise IntegrityError(f"config: unsupported chunker {doc.get('chunker', {}).get('algorithm')!r}")
         if doc.get("contract_id") != keys.contract_id:
             raise IntegrityError("config: belongs to another contract")
         return cls(backend, prefix, keys, RepoConfig(doc["contract_id"], doc["created"], doc["chunker"]), **kw)
@@ -156,14 +170,18 @@ class Repository:
 
     def _get_object(self, key: str, kind: int, object_id: bytes) -> bytes:
         what = f"{KIND_NAMES[kind]} {key}"
+
+        def verify(raw: bytes) -> bytes:
+            check_preamble(raw, kind, what)
+            plain = open_sealed(self.keys.file_cipher(object_id), memoryview(raw)[PREAMBLE.size:],
+                                associated_data(self.keys.contract_id, kind, object_id), what)
+            return compression.decompress(plain, None, what)
+
+        full = self.prefix + key
         try:
-            raw = self.backend.get(self.prefix + key)
+            return self.backend.read_verified(full, lambda b: b.get(full), verify)
         except NotFound:
             raise IntegrityError(f"{what}: missing from {self.backend.url}") from None
-        check_preamble(raw, kind, what)
-        plain = open_sealed(self.keys.file_cipher(object_id), memoryview(raw)[PREAMBLE.size:],
-                            associated_data(self.keys.contract_id, kind, object_id), what)
-        return compression.decompress(plain, None, what)
 
     def _ids(self, folder: str) -> Iterator[tuple[bytes, int]]:
         for info in self.backend.list(self.prefix + folder + "/"):
@@ -179,8 +197,19 @@ class Repository:
     def load_index(self) -> MasterIndex:
         with self._index_lock:
             if not self._index_loaded:
-                for iid, _size in self._ids("index"):
-                    self.index.add_file(IndexFile.decode(iid, self._get_object(f"index/{iid.hex()}", KIND_INDEX, iid)))
+                for attempt in range(3):
+                    files = []
+                    try:
+                        for iid, _size in self._ids("index"):
+                            files.append(IndexFile.decode(iid, self._get_object(f"index/{iid.hex()}", KIND_INDEX, iid)))
+                        break
+                    except IntegrityError as exc:
+                        # a writer merging the index deletes old files after writing the new one:
+                        # list again once before calling a missing index file damage
+                        if "missing" not in str(exc) or attempt == 2:
+                            raise
+                for f in files:
+                    self.index.add_file(f)
                 self.index.drop_superseded()
                 self._index_loaded = True
         return self.index
@@ -195,6 +224,8 @@ class Repository:
 
     def consolidate_index(self) -> bool:
         """Merge the index files into one when there are many (writers hold the lock)."""
+        self._index_loaded = False  # reload: the index file this session just wrote is merged too
+        self.index = MasterIndex()
         self.load_index()
         if len(self.index.files) < INDEX_CONSOLIDATE_AT:
             return False
@@ -228,9 +259,15 @@ class Repository:
 
     def open_blob(self, loc: BlobLocation, sealed: bytes) -> bytes:
         what = f"{KIND_NAMES[loc.kind]} {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
-        plain = open_sealed(self.keys.file_cipher(loc.pack_id), sealed,
-                            associated_data(self.keys.contract_id, loc.kind, loc.blob_id), what)
-        return compression.decompress(plain, loc.raw_length, what)
+
+        def verify(data: bytes) -> bytes:
+            plain = open_sealed(self.keys.file_cipher(loc.pack_id), data,
+                                associated_data(self.keys.contract_id, loc.kind, loc.blob_id), what)
+            return compression.decompress(plain, loc.raw_length, what)
+
+        # On an authentication failure a replicated backend re-reads the blob from another location.
+        key = self.pack_key(loc.pack_id)
+        return self.backend.read_verified(key, lambda b: b.get_range(key, loc.offset, loc.length), verify, sealed)
 
     def read_blob(self, blob_id: bytes, kind: int | None = None) -> bytes:
         loc = self.locate(blob_id)
@@ -350,6 +387,8 @@ class WriterLock:
         self.wait = wait
         self.lock_id: bytes | None = None
         self.refreshed = 0.0
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def _read(self, lid: bytes) -> dict | None:
         try:
@@ -392,6 +431,8 @@ class WriterLock:
                 if self.lock_id is None:
                     self.lock_id = self._write()
                     continue  # re-list: another writer may have written at the same moment
+                self._refresher = threading.Thread(target=self._keep_fresh, name="kiwi-lock", daemon=True)
+                self._refresher.start()
                 return self
             if self.lock_id is not None:  # someone else is there: step back, retry later
                 self.repo.backend.delete(f"{self.repo.prefix}locks/{self.lock_id.hex()}")
@@ -400,13 +441,24 @@ class WriterLock:
                 raise LockedError(_("the repository is locked by another writer; try again later"))
             time.sleep(0.2 + random.random())
 
+    def _keep_fresh(self) -> None:
+        # a backup longer than LOCK_STALE_SECONDS must not look abandoned to another writer
+        while not self._stop.wait(LOCK_REFRESH_SECONDS):
+            try:
+                self.refresh()
+            except Exception:  # the store may be briefly unavailable: retry at the next period
+                continue
+
     def refresh(self) -> None:
-        if self.lock_id is not None and time.monotonic() - self.refreshed > LOCK_REFRESH_SECONDS:
+        if self.lock_id is not None:
             old = self.lock_id
             self.lock_id = self._write()
             self.repo.backend.delete(f"{self.repo.prefix}locks/{old.hex()}")
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join()
         if self.lock_id is not None:
             self.repo.backend.delete(f"{self.repo.prefix}locks/{self.lock_id.hex()}")
             self.lock_id = None

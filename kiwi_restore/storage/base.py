@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,18 @@ class Backend(ABC):
             return True
         except NotFound:
             return False
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete several objects (S3 batches them); idempotent like delete()."""
+        for key in keys:
+            self.delete(key)
+
+    def read_verified(self, key: str, read: Callable[[Backend], bytes], verify: Callable[[bytes], T],
+                      data: bytes | None = None) -> T:
+        """VERIFY (decrypt and authenticate) what READ fetches from this backend, or DATA when
+        the caller already fetched it. A single location has nothing else to try; a replicated
+        backend retries the other locations when VERIFY raises IntegrityError."""
+        return verify(read(self) if data is None else data)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
