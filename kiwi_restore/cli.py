@@ -563,6 +563,10 @@ def certificate_verify(c: Ctx, document: str, public_key: str | None, as_json: b
 
 
 
+from .fuse.cli import mount_cmd, umount_cmd  # noqa: E402, I001 - the FUSE view registers its commands
+cli.add_command(mount_cmd), cli.add_command(umount_cmd)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:

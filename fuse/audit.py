@@ -1,0 +1,125 @@
+"""The mount session in the audit trail, written by one thread so the trio loop never
+waits on a file lock or an fsync.
+
+    mount.start        actor, contract, machines, snapshots, options (mount point sealed)
+    mount.files        the files opened, in batches (paths sealed under the contract's key)
+    alert.integrity    a chunk or tree that failed to read (object id; path sealed)
+    mount.end          duration, files opened, bytes read, errors, why it ended
+
+Each file is recorded the first time it is opened in a session; later opens are counted
+in mount.end. If the trail cannot be written, the session fails closed: files no longer
+open (EACCES) until the writer recovers, since every access must be traceable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from ..site import ContractRecord, Site
+
+log = logging.getLogger("kiwi_restore.fuse")
+
+BATCH_FILES = 500  # paths per mount.files record
+BATCH_SECONDS = 1.0  # longest a file open waits before its record is written
+
+
+def path_text(path: bytes) -> str:
+    """A stored byte path as JSON text: UTF-8, invalid bytes as \\xNN escapes."""
+    return path.decode("utf-8", "backslashreplace")
+
+
+class AuditWriter:
+    def __init__(self, site: Site, rec: ContractRecord, cipher, session: str) -> None:
+        self.site = site
+        self.rec = rec
+        self.cipher = cipher
+        self.session = session
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.failed: str | None = None
+        self.files = 0
+
+    def _append(self, action: str, outcome: str, details: dict, sealed: dict | None = None) -> None:
+        details = {"session": self.session, **details}
+        self.site.audit.append(action, outcome, self.rec.id, details, sealed, self.cipher if sealed else None)
+
+    # -- called before and after serving (blocking is fine there) ----------------------
+    def start(self, details: dict, sealed: dict) -> None:
+        self._append("mount.start", "ok", details, sealed)
+        self._thread = threading.Thread(target=self._run, name="kiwi-audit", daemon=True)
+        self._thread.start()
+
+    def refused(self, details: dict, sealed: dict) -> None:
+        self._append("mount.start", "failed", details, sealed)
+        self.site.checkpoint_audit()
+
+    def close(self, details: dict) -> None:
+        """Write what is queued, then mount.end, then sign the chain's head."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+        self._append("mount.end", "ok", {"files_opened": self.files, **details})
+        self.site.checkpoint_audit()
+
+    # -- called from the trio loop (never blocks) -----------------------------------------
+    def opened(self, snapshot: str, path: bytes) -> None:
+        self.files += 1
+        self._q.put(("file", snapshot, path))
+
+    def integrity(self, snapshot: str | None, obj: str | None, error: str, path: bytes | None) -> None:
+        self._q.put(("alert", snapshot, obj, error, path))
+
+    # -- the writer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        batch: list[list[str]] = []
+        deadline = 0.0
+        while True:
+            timeout = max(0.0, deadline - time.monotonic()) if batch else None
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                item = "flush"
+            if item is None:
+                self._guard(self._flush, batch)
+                return
+            if item != "flush" and item[0] == "file":
+                if not batch:
+                    deadline = time.monotonic() + BATCH_SECONDS
+                entry = [item[1], path_text(item[2])]
+                if "\\x" in entry[1]:
+                    entry.append(item[2].hex())  # exact bytes when the name is not UTF-8
+                batch.append(entry)
+                if len(batch) < BATCH_FILES:
+                    continue
+            # a batch is full or due, or an alert comes (after the files opened before it)
+            if self._guard(self._flush, batch):
+                batch = []
+            else:
+                deadline = time.monotonic() + BATCH_SECONDS  # keep it, retry later
+            if item != "flush" and item[0] == "alert":
+                _, snapshot, obj, error, path = item
+                details = {"snapshot": snapshot, "object": obj, "error": error[:300]}
+                sealed = {"path": path_text(path)} if path is not None else None
+                self._guard(self._append, "alert.integrity", "detected", details, sealed)
+
+    def _flush(self, batch: list[list[str]]) -> None:
+        if batch:
+            self._append("mount.files", "ok", {"count": len(batch)}, {"files": batch})
+
+    def _guard(self, fn: Callable, *args) -> bool:
+        try:
+            fn(*args)
+        except Exception as exc:
+            if self.failed is None:
+                log.error("audit trail not writable, file opens are refused until it is: %s", exc)
+            self.failed = str(exc) or type(exc).__name__
+            return False
+        if self.failed is not None:
+            log.warning("audit trail writable again")
+            self.failed = None
+        return True

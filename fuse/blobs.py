@@ -1,0 +1,191 @@
+"""Decrypted chunks for the mount: a bounded LRU, single-flight fetches, pack-grouped reads.
+
+Blocking work (backend reads, decryption, decompression) runs in worker threads through
+`trio.to_thread.run_sync` under capacity limiters; the trio loop only slices cached bytes.
+Several chunks wanted together (the next chunks of a file read sequentially, the small
+files that follow the one just opened in a directory) are located in the index, grouped
+by pack and read with one ranged read per run of neighbouring blobs: files of a directory
+were written together, so they usually sit side by side in one pack.
+
+Plaintext lives only in memory; nothing is written to local disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import trio
+
+from ..errors import BackendError, IntegrityError, NotFound
+from ..index import BlobLocation
+from ..repository import LRU, Repository
+
+MERGE_GAP = 256 << 10  # read through gaps up to this size rather than issue another request
+MAX_SPAN = 16 << 20  # never read more than this in one request
+
+
+class ChunkError(Exception):
+    """A chunk could not be read or failed authentication (the read gets EIO)."""
+
+    def __init__(self, chunk_id: bytes, error: Exception) -> None:
+        super().__init__(str(error))
+        self.chunk_id = chunk_id
+        self.error = error
+
+
+class _Pending:
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: bytes | None = None
+        self.error: Exception | None = None
+
+
+@dataclass
+class BlobStats:
+    hits: int = 0
+    misses: int = 0
+    fetched_bytes: int = 0
+    prefetched: int = 0
+    errors: int = 0
+
+
+class ChunkStore:
+    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int = 3) -> None:
+        self.repo = repo
+        self.cache = LRU(cache_bytes)
+        self.cache_bytes = cache_bytes
+        self.limiter = trio.CapacityLimiter(workers)
+        # prefetch has its own, smaller limiter so it never starves reads that are waited on
+        self.prefetch_limiter = trio.CapacityLimiter(prefetchers)
+        self._pending: dict[bytes, _Pending] = {}
+        self.stats = BlobStats()
+
+    # -- trio side -------------------------------------------------------------------
+    def cached(self, chunk_id: bytes) -> bytes | None:
+        return self.cache.get(chunk_id)
+
+    def wanted(self, chunk_id: bytes) -> bool:
+        """True if the chunk is neither cached nor on its way."""
+        return chunk_id not in self._pending and self.cache.get(chunk_id) is None
+
+    async def get(self, chunk_id: bytes, size: int) -> bytes:
+        data = self.cache.get(chunk_id)
+        if data is not None:
+            self.stats.hits += 1
+            return data
+        p = self._pending.get(chunk_id)
+        if p is None:
+            self.stats.misses += 1
+            p = self._pending[chunk_id] = _Pending()
+            try:
+                results = await trio.to_thread.run_sync(self._load, [(chunk_id, size)], limiter=self.limiter)
+                self._settle(results)
+            finally:
+                self._abandon([chunk_id])
+        else:
+            await p.event.wait()
+        if p.error is not None:
+            raise ChunkError(chunk_id, p.error)
+        assert p.value is not None
+        return p.value
+
+    def prefetch(self, nursery: trio.Nursery, chunks: Iterable[tuple[bytes, int]]) -> int:
+        """Start fetching CHUNKS (id, size) not cached nor in flight; returns how many."""
+        todo = []
+        for cid, size in chunks:
+            if cid is not None and self.wanted(cid):
+                self._pending[cid] = _Pending()
+                todo.append((cid, size))
+        if todo:
+            self.stats.prefetched += len(todo)
+            nursery.start_soon(self._prefetch, todo)
+        return len(todo)
+
+    async def _prefetch(self, todo: list[tuple[bytes, int]]) -> None:
+        # a failure here must never reach the nursery (it would end the mount): the
+        # waiters get the error, and a later read retries
+        try:
+            results = await trio.to_thread.run_sync(self._load, todo, limiter=self.prefetch_limiter)
+            self._settle(results)
+        except Exception as exc:
+            self._settle([(cid, None, exc) for cid, _ in todo])
+        finally:
+            self._abandon([cid for cid, _ in todo])
+
+    def _settle(self, results: list[tuple[bytes, bytes | None, Exception | None]]) -> None:
+        for cid, data, err in results:
+            p = self._pending.pop(cid, None)
+            if data is not None:
+                self.cache.put(cid, data)
+                self.stats.fetched_bytes += len(data)
+            else:
+                self.stats.errors += 1
+            if p is not None:
+                p.value, p.error = data, err
+                p.event.set()
+
+    def _abandon(self, ids: list[bytes]) -> None:
+        """Wake waiters of fetches that ended without a result (cancelled at unmount)."""
+        for cid in ids:
+            p = self._pending.pop(cid, None)
+            if p is not None:
+                p.error = BackendError("fetch interrupted")
+                p.event.set()
+
+    # -- worker threads ----------------------------------------------------------------
+    def _load(self, chunks: list[tuple[bytes, int]]) -> list[tuple[bytes, bytes | None, Exception | None]]:
+        """Read, decrypt and check CHUNKS; one ranged read per run of neighbours in a pack."""
+        out: list[tuple[bytes, bytes | None, Exception | None]] = []
+        located: list[tuple[BlobLocation, int]] = []
+        for cid, size in chunks:
+            try:
+                located.append((self.repo.locate(cid), size))
+            except Exception as exc:  # reported per chunk, as EIO
+                out.append((cid, None, exc))
+        located.sort(key=lambda x: (x[0].pack_id, x[0].offset))
+        i = 0
+        while i < len(located):
+            j = i + 1
+            first = located[i][0]
+            end = first.offset + first.length
+            while j < len(located):
+                loc = located[j][0]
+                if (loc.pack_id != first.pack_id or loc.offset - end > MERGE_GAP
+                        or loc.offset + loc.length - first.offset > MAX_SPAN):
+                    break
+                end = max(end, loc.offset + loc.length)
+                j += 1
+            group = located[i:j]
+            try:
+                span = self._read_span(first.pack_id, first.offset, end - first.offset)
+            except Exception as exc:  # reported per chunk, as EIO
+                out.extend((loc.blob_id, None, exc) for loc, _ in group)
+            else:
+                view = memoryview(span)
+                for loc, size in group:
+                    out.append(self._open(loc, size, view[loc.offset - first.offset:loc.offset - first.offset + loc.length]))
+            i = j
+        return out
+
+    def _read_span(self, pack_id: bytes, offset: int, length: int) -> bytes:
+        try:
+            data = self.repo.backend.get_range(self.repo.pack_key(pack_id), offset, length)
+        except NotFound:
+            raise IntegrityError(f"pack {pack_id.hex()} is missing") from None
+        except BackendError as exc:
+            raise BackendError(f"pack {pack_id.hex()}: {exc}") from None
+        if len(data) != length:
+            raise IntegrityError(f"pack {pack_id.hex()}: truncated (wanted {length} bytes at {offset}, got {len(data)})")
+        return data
+
+    def _open(self, loc: BlobLocation, size: int, sealed: memoryview) -> tuple[bytes, bytes | None, Exception | None]:
+        try:
+            data = self.repo.open_blob(loc, sealed)
+            if len(data) != size:
+                raise IntegrityError(f"chunk {loc.blob_id.hex()}: {len(data)} bytes, the tree says {size}")
+            return loc.blob_id, data, None
+        except Exception as exc:  # reported per chunk, as EIO
+            return loc.blob_id, None, exc

@@ -1,0 +1,667 @@
+"""The pyfuse3 Operations of the browse view (shape of pyfuse3's examples/tmpfs.py).
+
+Snapshots never change, so the kernel may keep everything it is told: entry and attribute
+timeouts are long, negative lookups are cached, and files open with keep_cache. A
+directory's tree is read on its first lookup or readdir; nothing else is read at mount.
+
+pyfuse3 ends the whole mount when a handler raises anything but FUSEError, so every
+handler goes through `guarded`: a failed chunk or tree becomes EIO for that request, is
+logged with the object id and the path, and is written to the audit trail as an
+alert.integrity record, while the mount keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from bisect import bisect_left, bisect_right
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyfuse3
+import trio
+from pyfuse3 import EntryAttributes, FUSEError
+
+from ..repository import Repository
+from ..tree import TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, TYPE_TO_IFMT, Node
+from .audit import AuditWriter
+from .blobs import ChunkError, ChunkStore
+from .inodes import ROOT_INODE, InodeTable
+from .layout import Layout
+
+log = logging.getLogger("kiwi_restore.fuse")
+
+TIMEOUT = 24 * 3600.0  # entry and attribute cache lifetime: a snapshot never changes
+BLKSIZE = 128 << 10  # st_blksize: tools size their reads from it (cp, cat use max(128 KiB, it))
+NAME_MAX = 255
+
+SMALL_FILE = 1 << 20  # files up to this size are prefetched with their neighbours
+SIBLING_BYTES = 4 << 20  # how far ahead in a directory small files are prefetched
+SIBLING_FILES = 128
+TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
+MAX_READAHEAD = 16 << 20
+
+
+class TreeError(Exception):
+    """A directory's tree could not be read (the request gets EIO)."""
+
+    def __init__(self, tree_id: bytes, slot: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.tree_id = tree_id
+        self.slot = slot
+        self.error = error
+
+
+class _TreeLoad:
+    __slots__ = ("event", "nodes", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.nodes: list[Node] | None = None
+        self.error: Exception | None = None
+
+
+class Synth:
+    """A directory or link made up by the mount: the root, machines, snapshots, `latest`."""
+
+    __slots__ = ("ino", "name", "mode", "mtime", "parent", "children", "target", "slot", "nlink")
+
+    def __init__(self, ino: int, name: bytes, mode: int, mtime: int, parent: int) -> None:
+        self.ino = ino
+        self.name = name
+        self.mode = mode
+        self.mtime = mtime
+        self.parent = parent
+        self.children: list[Synth] = []
+        self.target: bytes | None = None
+        self.slot: int | None = None  # snapshot directories: the slot of the snapshot's root tree
+        self.nlink = 1
+
+
+class FileHandle:
+    __slots__ = ("ino", "node", "slot", "snap", "offsets", "next_off", "window", "ra_index", "bytes")
+
+    def __init__(self, ino: int, node: Node, slot: int, snap: int) -> None:
+        self.ino = ino
+        self.node = node
+        self.slot = slot
+        self.snap = snap
+        self.offsets: list[int] | None = None
+        self.next_off = 0  # where a sequential reader reads next
+        self.window = 0  # readahead distance, doubled on each sequential read
+        self.ra_index = 0  # chunks before this index were already prefetched
+        self.bytes = 0
+
+
+class DirHandle:
+    __slots__ = ("ino", "synth", "slot", "nodes")
+
+    def __init__(self, ino: int, synth: Synth | None, slot: int | None) -> None:
+        self.ino = ino
+        self.synth = synth
+        self.slot = slot
+        self.nodes: list[Node] | None = None  # held while open, so a listing never shifts
+
+
+def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Map every failure of a handler to an errno, so one bad request never ends the mount."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: KiwiFS, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except TreeError as exc:
+            await self._tree_failed(exc)
+            raise FUSEError(errno.EIO) from None
+        except OSError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:
+            log.exception("%s%r failed: %s", fn.__name__, args[:1], exc)
+            self.errors += 1
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class KiwiFS(pyfuse3.Operations):
+    def __init__(self, repo: Repository, layout: Layout, cache_bytes: int, audit: AuditWriter) -> None:
+        super().__init__()
+        self.repo = repo
+        self.layout = layout
+        self.snaps = layout.snapshots
+        self.audit = audit
+        self.cache_bytes = cache_bytes
+        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, cache_bytes // 8))
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.synth: dict[int, Synth] = {}
+        self._build_synthetic()
+        self.inodes = InodeTable(max(self.synth) + 1)
+        for s in self.synth.values():
+            if s.slot is not None:  # set to the snapshot number by _build_synthetic
+                s.slot = self.inodes.add_dir(s.ino, s.parent, s.slot, self.snaps[s.slot].tree)
+        self.handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = 1
+        self._tree_loads: dict[bytes, _TreeLoad] = {}
+        self._horizon: dict[int, int] = {}  # dir slot -> index up to which files were prefetched
+        self._audited: set[int] = set()
+        self._alerted: set[bytes] = set()
+        self.opens = 0
+        self.bytes_read = 0
+        self.errors = 0
+        # set by start(), inside trio
+        self.chunks: ChunkStore | None = None
+        self.nursery: trio.Nursery | None = None
+        self.tree_limiter: trio.CapacityLimiter | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Bind to the running trio loop (limiters and background prefetch tasks)."""
+        self.nursery = nursery
+        self.chunks = ChunkStore(self.repo, self.cache_bytes)
+        self.tree_limiter = trio.CapacityLimiter(4)
+
+    # -- the synthetic top ---------------------------------------------------------------
+    def _build_synthetic(self) -> None:
+        newest = self.layout.newest_time
+        root = Synth(ROOT_INODE, b"", stat.S_IFDIR | 0o555, newest, ROOT_INODE)
+        self.synth[ROOT_INODE] = root
+        ino = ROOT_INODE + 1
+        for m in self.layout.machines:
+            latest = m.latest
+            md = Synth(ino, m.name, stat.S_IFDIR | 0o555, latest.snap.time, ROOT_INODE)
+            self.synth[ino] = md
+            root.children.append(md)
+            ino += 1
+            for sd in m.snapshots:
+                s = Synth(ino, sd.name, stat.S_IFDIR | 0o555, sd.snap.time, md.ino)
+                s.slot = sd.no  # replaced by the inode table's slot in __init__
+                self.synth[ino] = s
+                md.children.append(s)
+                ino += 1
+            link = Synth(ino, b"latest", stat.S_IFLNK | 0o777, latest.snap.time, md.ino)
+            link.target = latest.name
+            self.synth[ino] = link
+            md.children.append(link)
+            ino += 1
+            md.children.sort(key=lambda c: c.name)
+            md.nlink = 2 + len(m.snapshots)
+        root.children.sort(key=lambda c: c.name)
+        root.nlink = 2 + len(self.layout.machines)
+
+    def _synth_attr(self, s: Synth) -> EntryAttributes:
+        a = EntryAttributes()
+        a.st_ino = s.ino
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = s.mode
+        a.st_nlink = s.nlink
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_size = len(s.target) if s.target is not None else 0
+        a.st_blksize = BLKSIZE
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = s.mtime
+        return a
+
+    # -- trees -------------------------------------------------------------------------------
+    def _attr(self, ino: int, n: Node, snap_no: int) -> EntryAttributes:
+        a = EntryAttributes()
+        if n.hardlink:
+            ino = self.inodes.hardlink(snap_no, n.hardlink, ino)
+        a.st_ino = ino
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        t = n.type
+        a.st_mode = TYPE_TO_IFMT[t] | n.mode
+        a.st_nlink = n.nlink
+        a.st_uid = n.uid
+        a.st_gid = n.gid
+        if t == TYPE_FILE:
+            a.st_size = n.size
+            ch = n.chunks
+            if len(ch) == 1:
+                alloc = ch[0][1] if ch[0][0] is not None else 0
+            else:
+                alloc = sum(size for cid, size in ch if cid is not None)
+            a.st_blocks = (alloc + 511) >> 9
+        elif t == TYPE_SYMLINK:
+            a.st_size = n.size
+        elif n.rdev:
+            a.st_rdev = n.rdev
+        a.st_blksize = BLKSIZE
+        a.st_atime_ns = n.atime
+        a.st_mtime_ns = n.mtime
+        a.st_ctime_ns = n.ctime
+        return a
+
+    async def _nodes(self, slot: int) -> list[Node]:
+        """The entries of the directory in SLOT (its tree, from the cache or the store)."""
+        tid = self.inodes.tree(slot)
+        hit = self.repo.tree_cache.get(tid)
+        if hit is not None:
+            nodes = hit[0]
+        else:
+            load = self._tree_loads.get(tid)
+            if load is None:
+                load = self._tree_loads[tid] = _TreeLoad()
+                try:
+                    load.nodes = await trio.to_thread.run_sync(self.repo.load_tree, tid, limiter=self.tree_limiter)
+                except Exception as exc:
+                    load.error = exc
+                finally:
+                    del self._tree_loads[tid]
+                    load.event.set()
+            else:
+                await load.event.wait()
+            if load.nodes is None:
+                raise TreeError(tid, slot, load.error or RuntimeError("tree load interrupted"))
+            nodes = load.nodes
+        self.inodes.first_child(slot, len(nodes))
+        return nodes
+
+    def _prefetch_trees(self, nodes: list[Node]) -> None:
+        """Load the subdirectories' trees ahead of the walk that usually follows a listing."""
+        want = []
+        cache = self.repo.tree_cache
+        for n in nodes:
+            if n.type == TYPE_DIR and n.subtree not in self._tree_loads and cache.get(n.subtree) is None:
+                self._tree_loads[n.subtree] = _TreeLoad()
+                want.append(n.subtree)
+                if len(want) >= TREE_PREFETCH:
+                    break
+        for i in range(0, len(want), 8):
+            self.nursery.start_soon(self._load_trees, want[i:i + 8])
+
+    async def _load_trees(self, tids: list[bytes]) -> None:
+        def work() -> list[tuple[list[Node] | None, Exception | None]]:
+            out: list[tuple[list[Node] | None, Exception | None]] = []
+            for tid in tids:
+                try:
+                    out.append((self.repo.load_tree(tid), None))
+                except Exception as exc:  # the lookup that needs it gets the error
+                    out.append((None, exc))
+            return out
+
+        results: list[tuple[list[Node] | None, Exception | None]] = []
+        try:
+            results = await trio.to_thread.run_sync(work, limiter=self.chunks.prefetch_limiter)
+        except Exception as exc:
+            log.debug("tree prefetch failed: %s", exc)
+        finally:
+            for i, tid in enumerate(tids):
+                load = self._tree_loads.pop(tid, None)
+                if load is not None:
+                    if i < len(results):
+                        load.nodes, load.error = results[i]
+                    load.event.set()
+
+    async def _locate(self, ino: int) -> tuple[int, int, Node]:
+        loc = self.inodes.locate(ino)
+        if loc is None:
+            raise FUSEError(errno.ENOENT)
+        slot, index = loc
+        return slot, index, (await self._nodes(slot))[index]
+
+    async def _dir_slot(self, ino: int) -> int:
+        slot = self.inodes.slot(ino)
+        if slot is not None:
+            return slot
+        pslot, _index, node = await self._locate(ino)
+        if node.type != TYPE_DIR:
+            raise FUSEError(errno.ENOTDIR)
+        return self.inodes.add_dir(ino, self.inodes.dir_inode(pslot), self.inodes.snap(pslot), node.subtree)
+
+    async def _path(self, ino: int) -> bytes:
+        """The entry's original absolute path in its snapshot."""
+        parts = []
+        while True:
+            loc = self.inodes.locate(ino)
+            if loc is None:
+                break
+            slot, index = loc
+            parts.append((await self._nodes(slot))[index].name)
+            ino = self.inodes.dir_inode(slot)
+        return b"/" + b"/".join(reversed(parts))
+
+    def _path_cached(self, slot: int) -> bytes:
+        """A directory's path from cached trees only (for error reports; '?' if evicted)."""
+        parts = []
+        ino = self.inodes.dir_inode(slot)
+        while True:
+            loc = self.inodes.locate(ino)
+            if loc is None:
+                break
+            pslot, index = loc
+            hit = self.repo.tree_cache.get(self.inodes.tree(pslot))
+            parts.append(hit[0][index].name if hit is not None else b"?")
+            ino = self.inodes.dir_inode(pslot)
+        return b"/" + b"/".join(reversed(parts))
+
+    # -- integrity failures ----------------------------------------------------------------
+    def _report(self, snap_no: int, obj: bytes, error: Exception, path: bytes) -> None:
+        self.errors += 1
+        snap = self.snaps[snap_no]
+        log.error("EIO: %s in snapshot %s (%s): object %s: %s", os.fsdecode(path), snap.short,
+                  snap.machine, obj.hex(), error)
+        if obj not in self._alerted:  # one alert per object and session, however often it is read
+            self._alerted.add(obj)
+            self.audit.integrity(snap.hex, obj.hex(), str(error), path)
+
+    async def _tree_failed(self, exc: TreeError) -> None:
+        self._report(self.inodes.snap(exc.slot), exc.tree_id, exc.error, self._path_cached(exc.slot))
+
+    async def _chunk_failed(self, h: FileHandle, exc: ChunkError) -> None:
+        try:
+            path = await self._path(h.ino)
+        except Exception:
+            path = b"?"
+        self._report(h.snap, exc.chunk_id, exc.error, path)
+
+    # -- lookups -------------------------------------------------------------------------------
+    @guarded
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext = None) -> EntryAttributes:
+        s = self.synth.get(parent_inode)
+        if s is not None and s.slot is None:
+            for c in s.children:
+                if c.name == name:
+                    return self._synth_attr(c)
+            return self._negative()
+        slot = await self._dir_slot(parent_inode)
+        nodes = await self._nodes(slot)
+        i = bisect_left(nodes, name, key=_name)
+        if i == len(nodes) or nodes[i].name != name:
+            return self._negative()
+        return self._attr(self.inodes.first_child(slot, len(nodes)) + i, nodes[i], self.inodes.snap(slot))
+
+    @staticmethod
+    def _negative() -> EntryAttributes:
+        a = EntryAttributes()  # st_ino 0: "no such entry", cached for entry_timeout
+        a.entry_timeout = TIMEOUT
+        return a
+
+    @guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext = None) -> EntryAttributes:
+        s = self.synth.get(inode)
+        if s is not None:
+            return self._synth_attr(s)
+        slot, _index, node = await self._locate(inode)
+        return self._attr(inode, node, self.inodes.snap(slot))
+
+    @guarded
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        s = self.synth.get(inode)
+        if s is not None:
+            if s.target is None:
+                raise FUSEError(errno.EINVAL)
+            return s.target
+        _slot, _index, node = await self._locate(inode)
+        if node.type != TYPE_SYMLINK or node.target is None:
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    # -- directories ---------------------------------------------------------------------------
+    def _new_handle(self, h: FileHandle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    @guarded
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        s = self.synth.get(inode)
+        if s is not None and s.slot is None:
+            if s.target is not None:
+                raise FUSEError(errno.ENOTDIR)
+            return self._new_handle(DirHandle(inode, s, None))
+        return self._new_handle(DirHandle(inode, None, await self._dir_slot(inode)))
+
+    @guarded
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise FUSEError(errno.EBADF)
+        reply = pyfuse3.readdir_reply
+        # positions: 0 is ".", 1 is "..", entry i is i + 2; next_id is the position after
+        if h.synth is not None:
+            s = h.synth
+            if start_id == 0 and not reply(token, b".", self._synth_attr(s), 1):
+                return
+            if start_id <= 1 and not reply(token, b"..", self._synth_attr(self.synth[s.parent]), 2):
+                return
+            for i in range(max(0, start_id - 2), len(s.children)):
+                if not reply(token, s.children[i].name, self._synth_attr(s.children[i]), i + 3):
+                    return
+            return
+        slot = h.slot
+        if h.nodes is None:
+            h.nodes = await self._nodes(slot)
+            self._prefetch_trees(h.nodes)
+        nodes = h.nodes
+        if start_id == 0 and not reply(token, b".", await self.getattr(h.ino), 1):
+            return
+        if start_id <= 1 and not reply(token, b"..", await self.getattr(self.inodes.parent(slot)), 2):
+            return
+        first = self.inodes.first_child(slot, len(nodes))
+        snap = self.inodes.snap(slot)
+        attr = self._attr
+        for i in range(max(0, start_id - 2), len(nodes)):
+            n = nodes[i]
+            if not reply(token, n.name, attr(first + i, n, snap), i + 3):
+                return
+
+    @guarded
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # -- files ---------------------------------------------------------------------------------
+    @guarded
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FUSEError(errno.EROFS)
+        if self.audit.failed is not None:
+            raise FUSEError(errno.EACCES)  # fail closed: no access that the trail would miss
+        if inode in self.synth:
+            raise FUSEError(errno.EISDIR)
+        slot, index, node = await self._locate(inode)
+        if node.type != TYPE_FILE:
+            raise FUSEError(errno.EISDIR if node.type == TYPE_DIR else errno.EINVAL)
+        snap = self.inodes.snap(slot)
+        h = FileHandle(inode, node, slot, snap)
+        fh = self._new_handle(h)
+        self.opens += 1
+        if inode not in self._audited:
+            self._audited.add(inode)
+            self.audit.opened(self.snaps[snap].hex, await self._path(inode))
+        if node.size <= SMALL_FILE:
+            self._prefetch_siblings(slot, index)
+        else:
+            self._readahead(h, 0)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _prefetch_siblings(self, slot: int, index: int) -> None:
+        """Fetch this small file and the small files after it in the directory, grouped by
+        pack: tar, cp and rsync read a directory's files in its order."""
+        horizon = self._horizon.get(slot, 0)
+        if index < horizon - SIBLING_FILES // 2:
+            return
+        hit = self.repo.tree_cache.get(self.inodes.tree(slot))
+        if hit is None:
+            return
+        nodes = hit[0]
+        want: list[tuple[bytes, int]] = []
+        total = 0
+        j = max(index, horizon)
+        end = min(len(nodes), j + SIBLING_FILES)
+        while j < end and total < SIBLING_BYTES:
+            n = nodes[j]
+            j += 1
+            if n.type == TYPE_FILE and n.size <= SMALL_FILE:
+                for cid, size in n.chunks:
+                    if cid is not None:
+                        want.append((cid, size))
+                        total += size
+        self._horizon[slot] = j
+        self.chunks.prefetch(self.nursery, want)
+
+    def _readahead(self, h: FileHandle, pos: int) -> None:
+        """Prefetch the chunks of a sequentially read file up to its window past POS."""
+        chunks = h.node.chunks
+        if h.offsets is None:
+            h.offsets = h.node.offsets()
+        offsets = h.offsets
+        target = pos + max(h.window, 1)
+        j = max(h.ra_index, bisect_right(offsets, pos) - 1)
+        if j >= len(chunks) or offsets[j] >= target:
+            return
+        want = []
+        while j < len(chunks) and offsets[j] < target:
+            if chunks[j][0] is not None:
+                want.append(chunks[j])
+            j += 1
+        h.ra_index = j
+        self.chunks.prefetch(self.nursery, want)
+
+    async def _chunk(self, h: FileHandle, cid: bytes, size: int) -> bytes:
+        data = self.chunks.cached(cid)
+        if data is not None:
+            return data
+        try:
+            return await self.chunks.get(cid, size)
+        except ChunkError as exc:
+            await self._chunk_failed(h, exc)
+            raise FUSEError(errno.EIO) from None
+
+    @guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        h = self.handles.get(fh)
+        if not isinstance(h, FileHandle):
+            raise FUSEError(errno.EBADF)
+        node = h.node
+        end = min(off + size, node.size)
+        if off >= end:
+            return b""
+        self.bytes_read += end - off
+        chunks = node.chunks
+        if len(chunks) == 1:  # most files: one chunk, no search
+            cid, csize = chunks[0]
+            if cid is None:
+                return bytes(end - off)
+            data = await self._chunk(h, cid, csize)
+            return data if off == 0 and end == len(data) else memoryview(data)[off:end]
+        if h.offsets is None:
+            h.offsets = node.offsets()
+        offsets = h.offsets
+        # sequential reads widen the readahead window; a seek closes it
+        if off == h.next_off:
+            h.window = min(max(2 * h.window, 1 << 20), self.max_readahead)
+        else:
+            h.window = 0
+            h.ra_index = 0
+        h.next_off = end
+        if h.window and (h.ra_index < len(chunks)) and offsets[h.ra_index] - end < h.window // 2:
+            self._readahead(h, end)
+        i = bisect_right(offsets, off) - 1
+        parts: list[bytes | memoryview] = []
+        pos = off
+        while pos < end:
+            cid, csize = chunks[i]
+            start = offsets[i]
+            lo = pos - start
+            hi = min(end - start, csize)
+            if cid is None:
+                parts.append(bytes(hi - lo))
+            else:
+                data = await self._chunk(h, cid, csize)
+                parts.append(data if lo == 0 and hi == csize else memoryview(data)[lo:hi])
+            pos = start + hi
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @guarded
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # -- extended attributes, statfs ---------------------------------------------------------
+    @guarded
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode in self.synth:
+            raise FUSEError(pyfuse3.ENOATTR)
+        _slot, _index, node = await self._locate(inode)
+        value = node.xattrs.get(name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @guarded
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode in self.synth:
+            return []
+        _slot, _index, node = await self._locate(inode)
+        return list(node.xattrs)
+
+    @guarded
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        total = sum(int(sn.stats.get("bytes", 0)) for sn in self.snaps)
+        entries = sum(int(sn.stats.get(k, 0)) for sn in self.snaps for k in ("files", "dirs", "symlinks", "other"))
+        s.f_bsize = BLKSIZE
+        s.f_frsize = 4096
+        s.f_blocks = (total + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = entries + len(self.synth)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = NAME_MAX
+        return s
+
+    # -- everything that would write: read-only file system --------------------------------
+    async def setattr(self, *args: Any) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def mknod(self, *args: Any) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def mkdir(self, *args: Any) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def unlink(self, *args: Any) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def rmdir(self, *args: Any) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: Any) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def rename(self, *args: Any) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def link(self, *args: Any) -> EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def write(self, *args: Any) -> int:
+        raise FUSEError(errno.EROFS)
+
+    async def create(self, *args: Any) -> tuple[pyfuse3.FileInfo, EntryAttributes]:
+        raise FUSEError(errno.EROFS)
+
+    async def setxattr(self, *args: Any) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def removexattr(self, *args: Any) -> None:
+        raise FUSEError(errno.EROFS)
+
+    # -- statistics ------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        st = self.chunks.stats if self.chunks else None
+        return {"opens": self.opens, "bytes_read": self.bytes_read, "errors": self.errors,
+                "inodes": self.inodes.allocated,
+                "chunk_hits": st.hits if st else 0, "chunk_misses": st.misses if st else 0,
+                "chunks_prefetched": st.prefetched if st else 0}
+
+
+def _name(n: Node) -> bytes:
+    return n.name
