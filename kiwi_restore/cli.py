@@ -567,6 +567,11 @@ from .fuse.cli import mount_cmd, umount_cmd  # noqa: E402, I001 - the FUSE view 
 cli.add_command(mount_cmd), cli.add_command(umount_cmd)
 
 
+from .exporter.cli import export as _export_cmd  # noqa: E402 (issue 4: the exporter's commands)
+
+cli.add_command(_export_cmd)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:

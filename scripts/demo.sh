@@ -37,6 +37,9 @@ K restore cabinet-martin --at 2026-09-02T23:59 --machine cabinet \
   "$ROOT/cabinet/Patients/Dupont Jeanne/Courrier 2026-08-28.txt" --target "$ROOT/restored"
 echo; echo "\$ cat $ROOT/restored/Courrier 2026-08-28.txt"
 cat "$ROOT/restored/Courrier 2026-08-28.txt"
+echo; echo "# reversibility: the whole contract as a BagIt bag for the new provider, then re-verified there"
+K export cabinet-martin --to "$ROOT/new-provider" --progress none
+K export verify --to "$ROOT/new-provider" --progress none
 K check cabinet-martin --read-data
 K audit verify
 echo; echo "# end of contract: the letter arrived on 2026-09-01; the health-data restore window"

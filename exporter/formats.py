@@ -1,0 +1,264 @@
+"""Byte producers of the open formats: file content, POSIX pax tar, ZIP64, metadata sidecars.
+
+Every producer is deterministic (same snapshot, same bytes), which is what lets an
+interrupted export resume and still end identical to an uninterrupted one. They run in
+worker threads and write into a Sink (see pipeline.py): nothing is staged on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import struct
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import Protocol
+
+from ..crypto import KIND_CHUNK
+from ..repository import Repository
+from ..restore import walk
+from ..tree import (
+    TYPE_BLOCKDEV,
+    TYPE_CHARDEV,
+    TYPE_DIR,
+    TYPE_FIFO,
+    TYPE_FILE,
+    TYPE_SYMLINK,
+    Node,
+)
+from .names import encode_path
+
+PREFETCH = 8
+ZERO_BLOCK = 1 << 20
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | memoryview) -> None: ...
+
+
+def file_content(repo: Repository, node: Node, sink: Sink, pool: Executor | None) -> None:
+    """Write a file's bytes (holes as zeros), reading chunks ahead in POOL."""
+    chunks = node.chunks
+    pending: list = []
+    nxt = 0
+
+    def fill() -> None:
+        nonlocal nxt
+        while nxt < len(chunks) and len(pending) < PREFETCH:
+            cid, size = chunks[nxt]
+            if cid is None:
+                pending.append((None, size))
+            elif pool is not None:
+                pending.append((pool.submit(repo.read_blob, cid, KIND_CHUNK), size))
+            else:
+                pending.append((cid, size))
+            nxt += 1
+
+    fill()
+    try:
+        while pending:
+            fut, size = pending.pop(0)
+            fill()
+            if fut is None:
+                while size:
+                    n = min(size, ZERO_BLOCK)
+                    sink.write(bytes(n))
+                    size -= n
+            else:
+                data = repo.read_blob(fut, KIND_CHUNK) if isinstance(fut, bytes) else fut.result()
+                if len(data) != size:
+                    from ..errors import IntegrityError
+
+                    raise IntegrityError(f"chunk of {size} bytes decoded to {len(data)}")
+                sink.write(data)
+    finally:
+        for fut, _ in pending:
+            if fut is not None and not isinstance(fut, bytes):
+                fut.cancel()
+
+
+def snapshot_entries(repo: Repository, tree: bytes) -> Iterator[tuple[bytes, Node]]:
+    root = Node(name=b"", type=TYPE_DIR, subtree=tree)
+    yield from walk(repo, root)
+
+
+# -- metadata sidecar (JSON lines) ------------------------------------------------------------
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _text(b: bytes) -> str | None:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def metadata_line(path: bytes, node: Node, exported: str | None) -> dict:
+    """One entry's metadata as kept in metadata/<machine>/<snapshot>.jsonl (docs/EXPORT.md)."""
+    d: dict = {"path": _text(path), "path_b64": _b64(path), "exported": exported, "type": node.type,
+               "mode": f"{node.mode:04o}", "uid": node.uid, "gid": node.gid, "user": node.user,
+               "group": node.group, "mtime_ns": node.mtime, "atime_ns": node.atime, "ctime_ns": node.ctime}
+    if node.type == TYPE_FILE:
+        d["size"] = node.size
+        d["holes"] = [[off, size] for off, (cid, size) in zip(node.offsets(), node.chunks, strict=True)
+                      if cid is None]
+    if node.type == TYPE_SYMLINK:
+        d["target"] = _text(node.target or b"")
+        d["target_b64"] = _b64(node.target or b"")
+    if node.type in (TYPE_CHARDEV, TYPE_BLOCKDEV):
+        d["rdev_major"], d["rdev_minor"] = os.major(node.rdev), os.minor(node.rdev)
+    if node.xattrs:
+        d["xattrs_b64"] = {_b64(k): _b64(v) for k, v in sorted(node.xattrs.items())}
+    if node.hardlink:
+        d["hardlink_group"] = node.hardlink
+        d["nlink"] = node.nlink
+    return d
+
+
+# -- POSIX pax tar ------------------------------------------------------------------------------
+def _s(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _pax_time(ns: int) -> str:
+    sec, frac = divmod(ns, 1_000_000_000)
+    return f"{sec}.{frac:09d}" if frac else str(sec)
+
+
+class TarWriter:
+    """pax (POSIX.1-2001) members written as the entries come: ns mtimes, owners, xattrs
+    (SCHILY.xattr.*, as GNU tar and bsdtar read them), symlinks, hardlinks, fifos, devices.
+    Names stay the stored bytes (hdrcharset=BINARY when they are not UTF-8)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.written = 0
+        self.warnings: list[str] = []
+
+    def _w(self, data: bytes | memoryview) -> None:
+        self.sink.write(data)
+        self.written += len(data)
+
+    def add(self, repo: Repository, name: bytes, node: Node, links: dict[int, bytes],
+            pool: Executor | None) -> None:
+        ti = tarfile.TarInfo(_s(name))
+        ti.mode = node.mode
+        ti.uid, ti.gid = node.uid, node.gid
+        ti.uname, ti.gname = node.user or "", node.group or ""
+        ti.mtime = node.mtime // 1_000_000_000
+        pax = {"mtime": _pax_time(node.mtime)}
+        for k, v in sorted(node.xattrs.items()):
+            pax["SCHILY.xattr." + _s(k)] = _s(v)
+        data = False
+        if node.type == TYPE_FILE:
+            if node.hardlink and node.hardlink in links:
+                ti.type, ti.linkname = tarfile.LNKTYPE, _s(links[node.hardlink])
+            else:
+                ti.type, ti.size, data = tarfile.REGTYPE, node.size, True
+                if node.hardlink:
+                    links[node.hardlink] = name
+        elif node.type == TYPE_DIR:
+            ti.type = tarfile.DIRTYPE
+        elif node.type == TYPE_SYMLINK:
+            ti.type, ti.linkname = tarfile.SYMTYPE, _s(node.target or b"")
+        elif node.type == TYPE_FIFO:
+            ti.type = tarfile.FIFOTYPE
+        elif node.type in (TYPE_CHARDEV, TYPE_BLOCKDEV):
+            ti.type = tarfile.CHRTYPE if node.type == TYPE_CHARDEV else tarfile.BLKTYPE
+            ti.devmajor, ti.devminor = os.major(node.rdev), os.minor(node.rdev)
+        else:  # sockets cannot be archived (GNU tar skips them too)
+            self.warnings.append(f"socket skipped: {name!r}")
+            return
+        ti.pax_headers = pax
+        self._w(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if data:
+            counter = _Counting(self.sink)
+            file_content(repo, node, counter, pool)
+            self.written += counter.n
+            if counter.n % tarfile.BLOCKSIZE:
+                self._w(bytes(tarfile.BLOCKSIZE - counter.n % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        self._w(bytes(2 * tarfile.BLOCKSIZE))
+        rest = self.written % tarfile.RECORDSIZE
+        if rest:
+            self._w(bytes(tarfile.RECORDSIZE - rest))
+
+
+class _Counting:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.n = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.sink.write(data)
+        self.n += len(data)
+
+
+# -- ZIP64 --------------------------------------------------------------------------------------
+class _ZipOut:
+    """A write-only stream for zipfile (it then writes data descriptors, no seeks)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def write(self, data: bytes) -> int:
+        self.sink.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _zip_extra(node: Node) -> bytes:
+    extra = b""
+    sec = node.mtime // 1_000_000_000
+    if 0 <= sec < 2**31:  # extended timestamp (UT): exact UTC seconds for unzip
+        extra += struct.pack("<HHBI", 0x5455, 5, 1, sec)
+    if 0 <= node.uid < 2**32 and 0 <= node.gid < 2**32:  # Info-ZIP Unix "ux": uid/gid (unzip -X)
+        extra += struct.pack("<HHBBIBI", 0x7875, 11, 1, 4, node.uid, 4, node.gid)
+    return extra
+
+
+def _zip_info(name: str, node: Node, st_mode: int) -> zipfile.ZipInfo:
+    t = datetime.fromtimestamp(node.mtime / 1e9, UTC)
+    dt = (t.year, t.month, t.day, t.hour, t.minute, t.second) if t.year >= 1980 else (1980, 1, 1, 0, 0, 0)
+    zi = zipfile.ZipInfo(name, dt)
+    zi.create_system = 3  # Unix: external_attr carries st_mode
+    zi.external_attr = (st_mode & 0xFFFF) << 16
+    zi.compress_type = zipfile.ZIP_STORED
+    zi.extra = _zip_extra(node)
+    return zi
+
+
+def write_zip(repo: Repository, tree: bytes, sink: Sink, pool: Executor | None,
+              on_file: Callable[[], None] | None = None) -> list[str]:
+    """One snapshot as a ZIP64 archive (stored, not deflated: speed and byte-for-byte
+    determinism across zlib versions). Names are safe UTF-8 (names.py); fifos, devices and
+    sockets are only in the metadata sidecar. Returns warnings."""
+    warnings: list[str] = []
+    with zipfile.ZipFile(_ZipOut(sink), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for path, node in snapshot_entries(repo, tree):
+            name, _ = encode_path(path)
+            if node.type == TYPE_DIR:
+                zi = _zip_info(name + "/", node, stat.S_IFDIR | node.mode)
+                zi.external_attr |= 0x10  # MS-DOS directory bit
+                zf.writestr(zi, b"")
+            elif node.type == TYPE_FILE:
+                zi = _zip_info(name, node, stat.S_IFREG | node.mode)
+                zi.file_size = node.size  # > 4 GiB: zipfile then writes ZIP64 records
+                with zf.open(zi, "w", force_zip64=node.size > (1 << 31)) as out:
+                    file_content(repo, node, _ZipOut(out), pool)  # type: ignore[arg-type]
+                if on_file:
+                    on_file()
+            elif node.type == TYPE_SYMLINK:
+                zf.writestr(_zip_info(name, node, stat.S_IFLNK | 0o777), node.target or b"")
+            else:
+                warnings.append(f"{node.type} {path!r} kept in the metadata sidecar only")
+    return warnings
+

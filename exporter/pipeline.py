@@ -1,0 +1,316 @@
+"""The asyncio engine: objects produced in worker threads, uploaded with bounded queues.
+
+A producer thread reads the repository through the (synchronous) core and writes an
+object's bytes into a HashSink, which hashes them and hands chunks of about 1 MiB to a
+Pipe: an asyncio.Queue of a few chunks, so a slow destination stops the producer
+(back-pressure) and memory stays bounded whatever the contract's size. Up to --jobs objects
+are in flight; an S3 object also has a few parts in flight. Local destinations are written
+straight from the producer thread (no hop through the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+
+from ..errors import BackendError, KiwiError
+from .destinations import Destination, UploadState
+from .journal import Digest, Journal
+from .plan import Item
+
+BUF = 1 << 20
+PIPE_DEPTH = 4
+ITEM_RETRY_DELAYS = (1, 3, 8, 20)
+
+
+class Progress:
+    """Counters fed from any thread; a ticker draws a bar on a terminal, JSON lines otherwise."""
+
+    def __init__(self, total_files: int, total_bytes: int, mode: str = "auto", label: str = "export") -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "json"
+        self.mode = mode
+        self.total_files, self.total_bytes = total_files, total_bytes
+        self.files = self.bytes = 0
+        self.label = label
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_bytes or None, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def add(self, files: int, nbytes: int) -> None:
+        with self._lock:
+            self.files += files
+            self.bytes += nbytes
+
+    def phase(self, label: str) -> None:
+        self.label = label
+        if self._bar is not None:
+            self._bar.set_description_str(label, refresh=False)
+
+    def draw(self, final: bool = False) -> None:
+        elapsed = max(time.monotonic() - self._t0, 1e-6)
+        rate = self.bytes / elapsed
+        if self._bar is not None:
+            self._bar.n = min(self.bytes, self._bar.total or self.bytes)
+            self._bar.set_postfix_str(f"{self.files}/{self.total_files} files", refresh=False)
+            self._bar.refresh()
+        elif self.mode == "json":
+            eta = (self.total_bytes - self.bytes) / rate if rate and self.total_bytes > self.bytes else 0
+            print(json.dumps({"event": "progress", "phase": self.label, "files": self.files,
+                              "total_files": self.total_files, "bytes": self.bytes, "total_bytes": self.total_bytes,
+                              "rate_bytes_per_s": int(rate), "eta_s": int(eta), "final": final}),
+                  file=sys.stderr, flush=True)
+
+    async def ticker(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every if self.mode == "json" else 0.2)
+            self.draw()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class HashSink:
+    """Thread side: hash (SHA-256, and SHA-512 for BagIt), count, forward in ~1 MiB chunks."""
+
+    def __init__(self, out, sha512: bool, progress: Progress) -> None:  # noqa: ANN001
+        self.out = out
+        self.h256 = hashlib.sha256()
+        self.h512 = hashlib.sha512() if sha512 else None
+        self.size = 0
+        self.buf = bytearray()
+        self.progress = progress
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if not n:
+            return
+        self.h256.update(data)
+        if self.h512 is not None:
+            self.h512.update(data)
+        self.size += n
+        self.progress.add(0, n)
+        if n >= BUF and not self.buf:
+            self.out(bytes(data))
+            return
+        self.buf += data
+        if len(self.buf) >= BUF:
+            self.out(bytes(self.buf))
+            self.buf.clear()
+
+    def close(self) -> Digest:
+        if self.buf:
+            self.out(bytes(self.buf))
+            self.buf.clear()
+        return Digest(self.size, self.h256.digest(), self.h512.digest() if self.h512 else b"")
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _End:
+    def __init__(self, exc: BaseException | None) -> None:
+        self.exc = exc
+
+
+class Pipe:
+    """A bounded channel of chunks from a producer thread to a coroutine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.q: asyncio.Queue = asyncio.Queue(PIPE_DEPTH)
+        self.aborted = False
+
+    def _put(self, x: object) -> None:
+        if self.aborted:
+            raise _Aborted()
+        fut = asyncio.run_coroutine_threadsafe(self.q.put(x), self.loop)
+        while True:
+            try:
+                fut.result(timeout=0.5)
+                return
+            except concurrent.futures.TimeoutError:
+                if self.aborted:
+                    fut.cancel()
+                    raise _Aborted() from None
+
+    def put(self, data: bytes) -> None:
+        self._put(data)
+
+    def finish(self, exc: BaseException | None) -> None:
+        try:
+            self._put(_End(exc))
+        except _Aborted:
+            pass
+
+    async def chunks(self):  # noqa: ANN201 (an async iterator of bytes)
+        while True:
+            x = await self.q.get()
+            if isinstance(x, _End):
+                if x.exc is not None:
+                    raise x.exc
+                return
+            yield x
+
+    def abort(self) -> None:
+        self.aborted = True
+        while not self.q.empty():
+            self.q.get_nowait()
+
+
+def retryable(exc: BaseException) -> bool:
+    """Network and destination trouble is retried; a bad repository or a bug is not."""
+    if isinstance(exc, BackendError):
+        return True
+    if isinstance(exc, KiwiError):
+        return False
+    try:
+        import asyncssh
+
+        if isinstance(exc, asyncssh.Error):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from aiohttp import ClientError
+        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import ClientError as BotoClientError
+
+        if isinstance(exc, BotoClientError):
+            return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500 or \
+                exc.response.get("Error", {}).get("Code") in ("NoSuchUpload", "SlowDown", "RequestTimeout")
+        if isinstance(exc, (BotoCoreError, ClientError)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, (OSError, asyncio.TimeoutError, ConnectionError))
+
+
+class Engine:
+    def __init__(self, dest: Destination, journal: Journal, jobs: int, progress: Progress, sha512: bool,
+                 producers: ThreadPoolExecutor) -> None:
+        self.dest = dest
+        self.journal = journal
+        self.jobs = jobs
+        self.progress = progress
+        self.sha512 = sha512
+        self.producers = producers
+        self.walker = ThreadPoolExecutor(1, thread_name_prefix="kiwi-export-plan")
+        self.sent = self.skipped = self.retries = 0
+        self.sent_bytes = 0
+
+    def close(self) -> None:
+        self.walker.shutdown(wait=False, cancel_futures=True)
+
+    async def run_all(self, items: Iterable[Item], start: int = 0) -> int:
+        """Every item of ITEMS (a lazy, deterministic sequence), JOBS at a time; returns the count."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue(self.jobs * 2)
+        count = 0
+        it = iter(items)
+
+        async def feeder() -> None:
+            nonlocal count
+            while True:
+                batch = await loop.run_in_executor(self.walker, lambda: list(islice(it, 128)))
+                if not batch:
+                    break
+                for item in batch:
+                    await q.put((start + count, item))
+                    count += 1
+            for _ in range(self.jobs):
+                await q.put(None)
+
+        async def worker() -> None:
+            while (x := await q.get()) is not None:
+                await self.run_item(*x)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(feeder())
+            for _ in range(self.jobs):
+                tg.create_task(worker())
+        return count
+
+    async def run_item(self, index: int, item: Item) -> Digest:
+        d = self.journal.done(index)
+        if d is not None:
+            self.progress.add(item.files, d.size)
+            self.skipped += 1
+            return d
+        delays = iter(ITEM_RETRY_DELAYS)
+        while True:
+            try:
+                d = await self._transfer(index, item)
+                break
+            except Exception as exc:  # noqa: BLE001 (classified just below)
+                delay = next(delays, None)
+                if delay is None or not retryable(exc):
+                    raise
+                self.retries += 1
+                await asyncio.sleep(delay)
+        self.journal.mark_done(index, d)
+        self.progress.add(item.files, 0)
+        self.sent += 1
+        self.sent_bytes += d.size
+        return d
+
+    async def _transfer(self, index: int, item: Item) -> Digest:
+        loop = asyncio.get_running_loop()
+        w = await loop.run_in_executor(self.producers, self.dest.sync_writer, item.key)
+        if w is not None:
+            def direct() -> Digest:
+                sink = HashSink(w.write, self.sha512, self.progress)
+                try:
+                    item.produce(sink)
+                    d = sink.close()
+                    w.commit()
+                    return d
+                except BaseException:
+                    w.abort()
+                    self.progress.add(0, -sink.size)
+                    raise
+            return await loop.run_in_executor(self.producers, direct)
+
+        pipe = Pipe(loop)
+        sink = HashSink(pipe.put, self.sha512, self.progress)
+
+        def produce() -> Digest:
+            try:
+                item.produce(sink)
+                d = sink.close()
+            except BaseException as exc:
+                pipe.finish(exc)
+                raise
+            pipe.finish(None)
+            return d
+
+        fut = loop.run_in_executor(self.producers, produce)
+        state = UploadState(lambda: self.journal.upload_state(index),
+                            lambda st: self.journal.set_upload_state(index, st))
+        try:
+            await self.dest.put(item.key, pipe.chunks(), state, item.size_hint)
+        except BaseException:
+            pipe.abort()
+            try:
+                await fut
+            except BaseException:  # noqa: BLE001 (the consumer's error is the one reported)
+                pass
+            self.progress.add(0, -sink.size)
+            raise
+        return await fut
