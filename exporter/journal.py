@@ -1,10 +1,10 @@
 """The resume journal of one export job, under the site's temporary directory.
 
-    <tmp>/export/<job id>/state     the job's parameters and in-flight multipart uploads,
+    <tmp>/export/<contract id>-<job id>/state     the job's parameters and in-flight multipart uploads,
                                     AES-256-GCM under a key derived from the contract key
-    <tmp>/export/<job id>/digests   fixed-size records, one per object (by its index in the
+    <tmp>/export/<contract id>-<job id>/digests   fixed-size records, one per object (by its index in the
                                     deterministic plan): done flag, size, SHA-256, SHA-512
-    <tmp>/export/<job id>/lock      flock: one run of a job at a time
+    <tmp>/export/<contract id>-<job id>/lock      flock: one run of a job at a time
 
 Nothing in clear names a file: the job id is a hash of the request, the digest records
 hold only sizes and hashes. Temporary data (Art. 8.1) is purged after at most a month by
@@ -51,7 +51,8 @@ class Digest:
 
 class Journal:
     def __init__(self, site: Site, job: str, keys: ContractKeys) -> None:
-        self.dir = os.path.join(journal_root(site), job)
+        # the contract id (a random UUID, not client data) lets the contract's purge find its journals
+        self.dir = os.path.join(journal_root(site), f"{keys.contract_id.hex()}-{job}")
         self.job = job
         self._aead = AESGCM(hkdf(keys.data_key, b"kiwi-restore/v1/export-journal/" + job.encode()))
         self._stack = ExitStack()

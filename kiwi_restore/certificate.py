@@ -64,7 +64,7 @@ def deletion_document(site: Site, rec: ContractRecord) -> dict:
                       "bytes": sum(v["bytes"] for v in inv["locations"].values()),
                       "sha256": inv["sha256"], "format": inv["format"]},
         "verification": {k: v for k, v in p["verification"].items() if k != "problems"},
-        "export_reports": lc.get("export_reports", []),
+        "export_reports": p.get("export_reports", []),
         "operator": p["operator"],
         "tool": {"name": "kiwi-restore", "version": __version__},
         "clock_override": site.clock.override,

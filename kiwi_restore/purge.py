@@ -12,6 +12,7 @@ certificate's content is fixed before it is written, so there is only ever one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from .fsutil import file_lock
 from .i18n import _
 from .site import ContractRecord, Site
 
+EXPORT_JOURNALS = "export"  # tmp/ subdirectory of the exporter's resume journals
 TEMP_MAX_AGE_DAYS = 27  # deleted before 28 days: within "1 month" whatever the month and timer slack
 STEPS = ("inventoried", "objects_deleted", "keys_destroyed", "temporary_deleted", "verified", "certified")
 
@@ -63,8 +65,24 @@ def due_contracts(site: Site) -> list[tuple[ContractRecord, str]]:
 
 
 def contract_temp_entries(site: Site, rec: ContractRecord) -> list[str]:
-    tmp = site.tmp_dir()
-    return [os.path.join(tmp, n) for n in sorted(os.listdir(tmp)) if n.startswith(rec.id)]
+    """The contract's temporary data: entries of tmp/ and of the export journals named by its id."""
+    out = []
+    for d in (site.tmp_dir(), os.path.join(site.tmp_dir(), EXPORT_JOURNALS)):
+        if os.path.isdir(d):
+            out += [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.startswith(rec.id)]
+    return out
+
+
+def export_reports(site: Site, rec: ContractRecord) -> list[dict]:
+    """References (id, SHA-256 of the signed bytes) of the contract's signed export reports."""
+    directory = os.path.join(site.home, "exports", rec.id)
+    refs = []
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".canonical.json"):
+                data = Path(directory, name).read_bytes()
+                refs.append({"id": json.loads(data).get("id"), "sha256": hashlib.sha256(data).hexdigest()})
+    return refs
 
 
 def _remove(path: str) -> None:
@@ -79,10 +97,15 @@ def _remove(path: str) -> None:
 
 def purge_temporary(site: Site, max_age_days: int = TEMP_MAX_AGE_DAYS) -> int:
     """Remove temporary data (restore/export staging, journals, spools) older than the limit."""
+    from .exporter.journal import purge_temporary as purge_export_journals
+
     tmp = site.tmp_dir()
     limit = site.clock.now_ns() / 1e9 - max_age_days * 86400
-    removed = 0
+    # export journals age by their last use; a journal in use is locked and kept
+    removed = len(purge_export_journals(site, max_age_days * 86400))
     for name in sorted(os.listdir(tmp)):
+        if name == EXPORT_JOURNALS:
+            continue
         path = os.path.join(tmp, name)
         try:
             st = os.lstat(path)
@@ -168,7 +191,7 @@ class PurgeJob:
 
         if "inventoried" not in steps:
             inv = self._inventory(rec)
-            self._step(rec, "inventoried", inventory=inv, objects=sum(v["objects"] for v in inv["locations"].values()),
+            self._step(rec, "inventoried", inventory=inv, export_reports=export_reports(self.site, rec), objects=sum(v["objects"] for v in inv["locations"].values()),
                        bytes=sum(v["bytes"] for v in inv["locations"].values()),
                        key_copies=len(self.site.keystore.contract_key_copies(rec.id)))
         if "objects_deleted" not in steps:

@@ -33,7 +33,10 @@ def ended(tmp_path, kiwi, site: Site, monkeypatch):
     monkeypatch.setenv("KIWI_RESTORE_CLOCK", "2026-09-01T10:00")
     kiwi("backup", "clinic", "-m", "pc1", str(src))
     kiwi("contract", "terminate", "clinic", "--letter-received", "2026-09-01")
-    (Path(site.tmp_dir()) / f"{site.contract('clinic').id}-export-journal").write_bytes(b"journal")
+    (Path(site.tmp_dir()) / f"{site.contract('clinic').id}-restore-staging").write_bytes(b"staging")
+    journal = Path(site.tmp_dir()) / "export" / f"{site.contract('clinic').id}-0123abcd"
+    journal.mkdir(parents=True)
+    (journal / "digests").write_bytes(b"\0" * 100)  # an interrupted export's journal
     return src
 
 
@@ -51,6 +54,9 @@ def test_purge_refused_before_the_window_closes(ended, kiwi, site, monkeypatch):
 def test_purge_after_the_window(ended, kiwi, site, monkeypatch, tmp_path):
     rec = site.contract("clinic")
     assert objects(site, "replica", rec)
+    monkeypatch.setenv("KIWI_RESTORE_CLOCK", "2026-12-10T10:00")  # in the window: the client's export
+    kiwi("export", "clinic", "--to", str(tmp_path / "new-provider"))
+    (report,) = Path(site.home, "exports", rec.id).glob("*.canonical.json")
     monkeypatch.setenv("KIWI_RESTORE_CLOCK", AFTER)
     _, out = kiwi("purge", "--due", "--dry-run")
     assert "would purge" in out and objects(site, "primary", rec)
@@ -58,7 +64,7 @@ def test_purge_after_the_window(ended, kiwi, site, monkeypatch, tmp_path):
     assert "purged; certificate" in out
     assert objects(site, "primary", rec) == [] and objects(site, "replica", rec) == []
     assert site.keystore.contract_key_copies(rec.id) == []
-    assert not list(Path(site.tmp_dir()).iterdir())
+    assert [p.name for p in Path(site.tmp_dir()).rglob("*")] == ["export"]
     for cmd in (["restore", "clinic", "latest", "--target", str(tmp_path / "o")], ["ls", "clinic", "latest"]):
         code, msg = kiwi(*cmd, ok=False)
         assert code == 7 and "purged" in msg
@@ -78,6 +84,11 @@ def test_purge_after_the_window(ended, kiwi, site, monkeypatch, tmp_path):
     assert all(loc["verified_empty"] and loc["objects_deleted"] > 0 for loc in doc["locations"])
     assert doc["dates"]["end_of_contract"] == "2026-12-01" and doc["clock_override"] == AFTER
     assert doc["keys"]["contract_key_copies_destroyed"] == 1 and doc["verification"]["result"] == "passed"
+    assert doc["temporary_data"]["entries_deleted"] == 2
+    import hashlib
+
+    assert doc["export_reports"] == [{"id": json.loads(report.read_bytes())["id"],
+                                      "sha256": hashlib.sha256(report.read_bytes()).hexdigest()}]
     # idempotent: nothing more to do, still one certificate
     _, out = kiwi("purge", "--due")
     assert "nothing due" in out
