@@ -13,10 +13,10 @@ open (EACCES) until the writer recovers, since every access must be traceable.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 
 from ..site import ContractRecord, Site
@@ -24,7 +24,7 @@ from ..site import ContractRecord, Site
 log = logging.getLogger("kiwi_restore.fuse")
 
 BATCH_FILES = 500  # paths per mount.files record
-BATCH_SECONDS = 1.0  # longest a file open waits before its record is written
+BATCH_SECONDS = 0.5  # longest a file open waits before its record is written
 
 
 def path_text(path: bytes) -> str:
@@ -39,6 +39,8 @@ class AuditWriter:
         self.cipher = cipher
         self.session = session
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._opened: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._retry: list[list[str]] | None = None
         self._thread: threading.Thread | None = None
         self.failed: str | None = None
         self.files = 0
@@ -63,49 +65,47 @@ class AuditWriter:
             self._q.put(None)
             self._thread.join()
             self._thread = None
+        self._drain()
         self._append("mount.end", "ok", {"files_opened": self.files, **details})
         self.site.checkpoint_audit()
 
-    # -- called from the trio loop (never blocks) -----------------------------------------
+    # -- called from the trio loop (never blocks, never wakes the writer per file) ----------
     def opened(self, snapshot: str, path: bytes) -> None:
         self.files += 1
-        self._q.put(("file", snapshot, path))
+        self._opened.append((snapshot, path))  # deque: appends are atomic across threads
 
     def integrity(self, snapshot: str | None, obj: str | None, error: str, path: bytes | None) -> None:
         self._q.put(("alert", snapshot, obj, error, path))
 
     # -- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
-        batch: list[list[str]] = []
-        deadline = 0.0
         while True:
-            timeout = max(0.0, deadline - time.monotonic()) if batch else None
             try:
-                item = self._q.get(timeout=timeout)
+                item = self._q.get(timeout=BATCH_SECONDS)
             except queue.Empty:
-                item = "flush"
+                item = "tick"
+            self._drain()  # files opened so far go before anything that follows them
             if item is None:
-                self._guard(self._flush, batch)
                 return
-            if item != "flush" and item[0] == "file":
-                if not batch:
-                    deadline = time.monotonic() + BATCH_SECONDS
-                entry = [item[1], path_text(item[2])]
-                if "\\x" in entry[1]:
-                    entry.append(item[2].hex())  # exact bytes when the name is not UTF-8
-                batch.append(entry)
-                if len(batch) < BATCH_FILES:
-                    continue
-            # a batch is full or due, or an alert comes (after the files opened before it)
-            if self._guard(self._flush, batch):
-                batch = []
-            else:
-                deadline = time.monotonic() + BATCH_SECONDS  # keep it, retry later
-            if item != "flush" and item[0] == "alert":
+            if item != "tick":
                 _, snapshot, obj, error, path = item
                 details = {"snapshot": snapshot, "object": obj, "error": error[:300]}
                 sealed = {"path": path_text(path)} if path is not None else None
                 self._guard(self._append, "alert.integrity", "detected", details, sealed)
+
+    def _drain(self) -> None:
+        while self._retry or self._opened:
+            batch = self._retry or []
+            while self._opened and len(batch) < BATCH_FILES:
+                snapshot, path = self._opened.popleft()
+                entry = [snapshot, path_text(path)]
+                if "\\x" in entry[1]:
+                    entry.append(path.hex())  # exact bytes when the name is not UTF-8
+                batch.append(entry)
+            if not self._guard(self._flush, batch):
+                self._retry = batch  # kept, tried again at the next tick
+                return
+            self._retry = None
 
     def _flush(self, batch: list[list[str]]) -> None:
         if batch:

@@ -23,6 +23,7 @@ from ..repository import LRU, Repository
 
 MERGE_GAP = 256 << 10  # read through gaps up to this size rather than issue another request
 MAX_SPAN = 16 << 20  # never read more than this in one request
+PREFETCH_JOB = 2 << 20  # plaintext bytes one prefetch job fetches
 
 
 class ChunkError(Exception):
@@ -53,7 +54,7 @@ class BlobStats:
 
 
 class ChunkStore:
-    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int = 3) -> None:
+    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int = 4) -> None:
         self.repo = repo
         self.cache = LRU(cache_bytes)
         self.cache_bytes = cache_bytes
@@ -99,9 +100,19 @@ class ChunkStore:
             if cid is not None and self.wanted(cid):
                 self._pending[cid] = _Pending()
                 todo.append((cid, size))
-        if todo:
-            self.stats.prefetched += len(todo)
-            nursery.start_soon(self._prefetch, todo)
+        # several modest jobs rather than one big one: they run side by side, and each
+        # hands its chunks over as soon as it is done
+        job: list[tuple[bytes, int]] = []
+        size = 0
+        for item in todo:
+            job.append(item)
+            size += item[1]
+            if size >= PREFETCH_JOB:
+                nursery.start_soon(self._prefetch, job)
+                job, size = [], 0
+        if job:
+            nursery.start_soon(self._prefetch, job)
+        self.stats.prefetched += len(todo)
         return len(todo)
 
     async def _prefetch(self, todo: list[tuple[bytes, int]]) -> None:

@@ -22,7 +22,7 @@ from ..i18n import _
 @click.option("--allow-other", is_flag=True,
               help=_("Let other local users in (the stored permissions still apply)."))
 @click.option("--cache-size", default="64M", show_default=True, metavar="SIZE",
-              help=_("Memory for decrypted chunks (directory trees get a quarter more)."))
+              help=_("Memory for directory listings (a third) and decrypted chunks (the rest)."))
 @click.pass_obj
 def mount_cmd(c, contract: str, mountpoint: str, machine: str | None, snapshot: str | None,
               at: str | None, foreground: bool, allow_other: bool, cache_size: str) -> None:

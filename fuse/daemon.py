@@ -40,8 +40,8 @@ log = logging.getLogger("kiwi_restore.fuse")
 FSTYPE = "fuse.kiwi-restore"
 READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024  # per-mount kernel readahead (default 128 KiB): fewer, larger reads
+SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
 ACCESS_CHECK_SECONDS = 60  # how often a live session re-checks the contract's access rules
-TREE_CACHE_SHARE = 4  # trees get cache_size / this, on top of the chunk cache
 
 
 @dataclass
@@ -118,7 +118,7 @@ def prepare(site: Site, contract: str, opts: MountOptions) -> tuple[ContractReco
     if not os.path.exists("/dev/fuse"):
         raise KiwiError(_("FUSE is not available on this machine (no /dev/fuse)"))
     rec, repo = service.open_contract(site, contract, "mount")
-    repo.tree_cache.max_bytes = max(8 << 20, opts.cache_bytes // TREE_CACHE_SHARE)
+    repo.tree_cache.max_bytes = 0  # the mount keeps trees in its own, compact form (dirs.py)
     layout = build(select_snapshots(repo.list_snapshots(), opts.machine, opts.snapshot, opts.at))
     repo.load_index()  # one decryption per index file; the trees wait for their first lookup
     return rec, repo, layout
@@ -224,6 +224,9 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
     from .audit import AuditWriter
     from .fs import KiwiFS
 
+    # worker threads decode trees and chunks while holding the GIL; a short switch interval
+    # lets the trio thread answer the kernel within a fraction of a millisecond meanwhile
+    sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s kiwi-restore mount[%(process)d] %(levelname)s %(message)s")
     snaps = layout.snapshots

@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import stat
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,10 +25,11 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FUSEError
 
-from ..repository import Repository
-from ..tree import TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, TYPE_TO_IFMT, Node
+from ..crypto import KIND_TREE
+from ..repository import LRU, Repository
 from .audit import AuditWriter
 from .blobs import ChunkError, ChunkStore
+from .dirs import DirTable
 from .inodes import ROOT_INODE, InodeTable
 from .layout import Layout
 
@@ -41,6 +42,8 @@ NAME_MAX = 255
 SMALL_FILE = 1 << 20  # files up to this size are prefetched with their neighbours
 SIBLING_BYTES = 4 << 20  # how far ahead in a directory small files are prefetched
 SIBLING_FILES = 128
+DIR_PATHS = 50_000  # directory paths remembered for the audit records
+RECENT_TABLES = 8  # directories whose table is kept at hand (on top of the LRU)
 TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
 MAX_READAHEAD = 16 << 20
 
@@ -56,11 +59,11 @@ class TreeError(Exception):
 
 
 class _TreeLoad:
-    __slots__ = ("event", "nodes", "error")
+    __slots__ = ("event", "table", "error")
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.nodes: list[Node] | None = None
+        self.table: DirTable | None = None
         self.error: Exception | None = None
 
 
@@ -82,28 +85,28 @@ class Synth:
 
 
 class FileHandle:
-    __slots__ = ("ino", "node", "slot", "snap", "offsets", "next_off", "window", "ra_index", "bytes")
+    __slots__ = ("ino", "size", "chunks", "slot", "snap", "offsets", "next_off", "window", "ra_index")
 
-    def __init__(self, ino: int, node: Node, slot: int, snap: int) -> None:
+    def __init__(self, ino: int, size: int, chunks: list[tuple[bytes | None, int]], slot: int, snap: int) -> None:
         self.ino = ino
-        self.node = node
+        self.size = size
+        self.chunks = chunks
         self.slot = slot
         self.snap = snap
         self.offsets: list[int] | None = None
         self.next_off = 0  # where a sequential reader reads next
         self.window = 0  # readahead distance, doubled on each sequential read
         self.ra_index = 0  # chunks before this index were already prefetched
-        self.bytes = 0
 
 
 class DirHandle:
-    __slots__ = ("ino", "synth", "slot", "nodes")
+    __slots__ = ("ino", "synth", "slot", "table")
 
     def __init__(self, ino: int, synth: Synth | None, slot: int | None) -> None:
         self.ino = ino
         self.synth = synth
         self.slot = slot
-        self.nodes: list[Node] | None = None  # held while open, so a listing never shifts
+        self.table: DirTable | None = None  # held while open: a listing never reloads midway
 
 
 def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -137,7 +140,7 @@ class KiwiFS(pyfuse3.Operations):
         self.snaps = layout.snapshots
         self.audit = audit
         self.cache_bytes = cache_bytes
-        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, cache_bytes // 8))
+        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, cache_bytes // 6))
         self.uid, self.gid = os.getuid(), os.getgid()
         self.synth: dict[int, Synth] = {}
         self._build_synthetic()
@@ -147,12 +150,18 @@ class KiwiFS(pyfuse3.Operations):
                 s.slot = self.inodes.add_dir(s.ino, s.parent, s.slot, self.snaps[s.slot].tree)
         self.handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
+        # directory tables get a third of the cache budget, decrypted chunks the rest
+        self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
+        self.chunk_bytes = cache_bytes - cache_bytes // 3
         self._tree_loads: dict[bytes, _TreeLoad] = {}
-        self._horizon: dict[int, int] = {}  # dir slot -> index up to which files were prefetched
+        self._horizon: dict[int, int] = {}
+        self._dir_paths: dict[int, bytes] = {}
+        self._recent: dict[int, DirTable] = {}  # slot -> table of the last directories used  # dir slot -> index up to which files were prefetched
         self._audited: set[int] = set()
         self._alerted: set[bytes] = set()
         self.opens = 0
         self.bytes_read = 0
+        self.reads = 0
         self.errors = 0
         # set by start(), inside trio
         self.chunks: ChunkStore | None = None
@@ -162,7 +171,7 @@ class KiwiFS(pyfuse3.Operations):
     def start(self, nursery: trio.Nursery) -> None:
         """Bind to the running trio loop (limiters and background prefetch tasks)."""
         self.nursery = nursery
-        self.chunks = ChunkStore(self.repo, self.cache_bytes)
+        self.chunks = ChunkStore(self.repo, self.chunk_bytes)
         self.tree_limiter = trio.CapacityLimiter(4)
 
     # -- the synthetic top ---------------------------------------------------------------
@@ -208,48 +217,33 @@ class KiwiFS(pyfuse3.Operations):
         return a
 
     # -- trees -------------------------------------------------------------------------------
-    def _attr(self, ino: int, n: Node, snap_no: int) -> EntryAttributes:
+    def _attr(self, ino: int, t: DirTable, i: int, snap_no: int) -> EntryAttributes:
+        link = t.hardlink[i]
+        if link:  # every link of the group reports the inode of the first one seen
+            ino = self.inodes.hardlink(snap_no, link, ino)
+        return t.fill(self._new_attr(), i, ino)
+
+    @staticmethod
+    def _new_attr() -> EntryAttributes:
         a = EntryAttributes()
-        if n.hardlink:
-            ino = self.inodes.hardlink(snap_no, n.hardlink, ino)
-        a.st_ino = ino
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
-        t = n.type
-        a.st_mode = TYPE_TO_IFMT[t] | n.mode
-        a.st_nlink = n.nlink
-        a.st_uid = n.uid
-        a.st_gid = n.gid
-        if t == TYPE_FILE:
-            a.st_size = n.size
-            ch = n.chunks
-            if len(ch) == 1:
-                alloc = ch[0][1] if ch[0][0] is not None else 0
-            else:
-                alloc = sum(size for cid, size in ch if cid is not None)
-            a.st_blocks = (alloc + 511) >> 9
-        elif t == TYPE_SYMLINK:
-            a.st_size = n.size
-        elif n.rdev:
-            a.st_rdev = n.rdev
         a.st_blksize = BLKSIZE
-        a.st_atime_ns = n.atime
-        a.st_mtime_ns = n.mtime
-        a.st_ctime_ns = n.ctime
         return a
 
-    async def _nodes(self, slot: int) -> list[Node]:
-        """The entries of the directory in SLOT (its tree, from the cache or the store)."""
+    async def _table(self, slot: int) -> DirTable:
+        """The entries of the directory in SLOT, from the cache or the store."""
+        t = self._recent.get(slot)
+        if t is not None:
+            return t
         tid = self.inodes.tree(slot)
-        hit = self.repo.tree_cache.get(tid)
-        if hit is not None:
-            nodes = hit[0]
-        else:
+        t = self.tables.get(tid)
+        if t is None:
             load = self._tree_loads.get(tid)
             if load is None:
                 load = self._tree_loads[tid] = _TreeLoad()
                 try:
-                    load.nodes = await trio.to_thread.run_sync(self.repo.load_tree, tid, limiter=self.tree_limiter)
+                    load.table = await trio.to_thread.run_sync(self._read_table, tid, limiter=self.tree_limiter)
                 except Exception as exc:
                     load.error = exc
                 finally:
@@ -257,36 +251,44 @@ class KiwiFS(pyfuse3.Operations):
                     load.event.set()
             else:
                 await load.event.wait()
-            if load.nodes is None:
+            if load.table is None:
                 raise TreeError(tid, slot, load.error or RuntimeError("tree load interrupted"))
-            nodes = load.nodes
-        self.inodes.first_child(slot, len(nodes))
-        return nodes
+            t = load.table
+        self.inodes.first_child(slot, len(t))
+        if len(self._recent) >= RECENT_TABLES:
+            del self._recent[next(iter(self._recent))]
+        self._recent[slot] = t
+        return t
 
-    def _prefetch_trees(self, nodes: list[Node]) -> None:
+    def _read_table(self, tid: bytes) -> DirTable:
+        """(worker thread) read, decrypt and decode one tree, keep it as columns."""
+        t = DirTable.decode(self.repo.read_blob(tid, KIND_TREE), f"tree {tid.hex()}")
+        self.tables.put(tid, t)
+        return t
+
+    def _prefetch_trees(self, t: DirTable) -> None:
         """Load the subdirectories' trees ahead of the walk that usually follows a listing."""
         want = []
-        cache = self.repo.tree_cache
-        for n in nodes:
-            if n.type == TYPE_DIR and n.subtree not in self._tree_loads and cache.get(n.subtree) is None:
-                self._tree_loads[n.subtree] = _TreeLoad()
-                want.append(n.subtree)
+        for tid in t.subtrees.values():
+            if tid not in self._tree_loads and self.tables.get(tid) is None:
+                self._tree_loads[tid] = _TreeLoad()
+                want.append(tid)
                 if len(want) >= TREE_PREFETCH:
                     break
         for i in range(0, len(want), 8):
             self.nursery.start_soon(self._load_trees, want[i:i + 8])
 
     async def _load_trees(self, tids: list[bytes]) -> None:
-        def work() -> list[tuple[list[Node] | None, Exception | None]]:
-            out: list[tuple[list[Node] | None, Exception | None]] = []
+        def work() -> list[tuple[DirTable | None, Exception | None]]:
+            out: list[tuple[DirTable | None, Exception | None]] = []
             for tid in tids:
                 try:
-                    out.append((self.repo.load_tree(tid), None))
+                    out.append((self._read_table(tid), None))
                 except Exception as exc:  # the lookup that needs it gets the error
                     out.append((None, exc))
             return out
 
-        results: list[tuple[list[Node] | None, Exception | None]] = []
+        results: list[tuple[DirTable | None, Exception | None]] = []
         try:
             results = await trio.to_thread.run_sync(work, limiter=self.chunks.prefetch_limiter)
         except Exception as exc:
@@ -296,36 +298,50 @@ class KiwiFS(pyfuse3.Operations):
                 load = self._tree_loads.pop(tid, None)
                 if load is not None:
                     if i < len(results):
-                        load.nodes, load.error = results[i]
+                        load.table, load.error = results[i]
                     load.event.set()
 
-    async def _locate(self, ino: int) -> tuple[int, int, Node]:
+    async def _locate(self, ino: int) -> tuple[int, int, DirTable]:
+        """(directory slot, index, directory table) of an entry inode."""
         loc = self.inodes.locate(ino)
         if loc is None:
             raise FUSEError(errno.ENOENT)
         slot, index = loc
-        return slot, index, (await self._nodes(slot))[index]
+        return slot, index, await self._table(slot)
 
     async def _dir_slot(self, ino: int) -> int:
         slot = self.inodes.slot(ino)
         if slot is not None:
             return slot
-        pslot, _index, node = await self._locate(ino)
-        if node.type != TYPE_DIR:
+        pslot, index, t = await self._locate(ino)
+        if not t.is_dir(index):
             raise FUSEError(errno.ENOTDIR)
-        return self.inodes.add_dir(ino, self.inodes.dir_inode(pslot), self.inodes.snap(pslot), node.subtree)
+        return self.inodes.add_dir(ino, self.inodes.dir_inode(pslot), self.inodes.snap(pslot), t.subtrees[index])
 
     async def _path(self, ino: int) -> bytes:
         """The entry's original absolute path in its snapshot."""
-        parts = []
-        while True:
+        loc = self.inodes.locate(ino)
+        if loc is None:
+            return b"/"
+        slot, index = loc
+        name = (await self._table(slot)).names[index]
+        return await self._dir_path(slot) + b"/" + name
+
+    async def _dir_path(self, slot: int) -> bytes:
+        """The path of the directory in SLOT ('' for a snapshot's root), remembered."""
+        path = self._dir_paths.get(slot)
+        if path is None:
+            ino = self.inodes.dir_inode(slot)
             loc = self.inodes.locate(ino)
             if loc is None:
-                break
-            slot, index = loc
-            parts.append((await self._nodes(slot))[index].name)
-            ino = self.inodes.dir_inode(slot)
-        return b"/" + b"/".join(reversed(parts))
+                path = b""
+            else:
+                pslot, index = loc
+                path = await self._dir_path(pslot) + b"/" + (await self._table(pslot)).names[index]
+            if len(self._dir_paths) >= DIR_PATHS:
+                self._dir_paths.clear()
+            self._dir_paths[slot] = path
+        return path
 
     def _path_cached(self, slot: int) -> bytes:
         """A directory's path from cached trees only (for error reports; '?' if evicted)."""
@@ -336,8 +352,8 @@ class KiwiFS(pyfuse3.Operations):
             if loc is None:
                 break
             pslot, index = loc
-            hit = self.repo.tree_cache.get(self.inodes.tree(pslot))
-            parts.append(hit[0][index].name if hit is not None else b"?")
+            t = self.tables.get(self.inodes.tree(pslot))
+            parts.append(t.names[index] if t is not None else b"?")
             ino = self.inodes.dir_inode(pslot)
         return b"/" + b"/".join(reversed(parts))
 
@@ -371,11 +387,11 @@ class KiwiFS(pyfuse3.Operations):
                     return self._synth_attr(c)
             return self._negative()
         slot = await self._dir_slot(parent_inode)
-        nodes = await self._nodes(slot)
-        i = bisect_left(nodes, name, key=_name)
-        if i == len(nodes) or nodes[i].name != name:
+        t = await self._table(slot)
+        i = t.find(name)
+        if i < 0:
             return self._negative()
-        return self._attr(self.inodes.first_child(slot, len(nodes)) + i, nodes[i], self.inodes.snap(slot))
+        return self._attr(self.inodes.first_child(slot, len(t)) + i, t, i, self.inodes.snap(slot))
 
     @staticmethod
     def _negative() -> EntryAttributes:
@@ -388,8 +404,8 @@ class KiwiFS(pyfuse3.Operations):
         s = self.synth.get(inode)
         if s is not None:
             return self._synth_attr(s)
-        slot, _index, node = await self._locate(inode)
-        return self._attr(inode, node, self.inodes.snap(slot))
+        slot, index, t = await self._locate(inode)
+        return self._attr(inode, t, index, self.inodes.snap(slot))
 
     @guarded
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -398,10 +414,11 @@ class KiwiFS(pyfuse3.Operations):
             if s.target is None:
                 raise FUSEError(errno.EINVAL)
             return s.target
-        _slot, _index, node = await self._locate(inode)
-        if node.type != TYPE_SYMLINK or node.target is None:
+        _slot, index, t = await self._locate(inode)
+        target = t.targets.get(index)
+        if target is None:
             raise FUSEError(errno.EINVAL)
-        return node.target
+        return target
 
     # -- directories ---------------------------------------------------------------------------
     def _new_handle(self, h: FileHandle | DirHandle) -> int:
@@ -437,20 +454,24 @@ class KiwiFS(pyfuse3.Operations):
                     return
             return
         slot = h.slot
-        if h.nodes is None:
-            h.nodes = await self._nodes(slot)
-            self._prefetch_trees(h.nodes)
-        nodes = h.nodes
+        if h.table is None:
+            h.table = await self._table(slot)
+            self._prefetch_trees(h.table)
+        t = h.table
         if start_id == 0 and not reply(token, b".", await self.getattr(h.ino), 1):
             return
         if start_id <= 1 and not reply(token, b"..", await self.getattr(self.inodes.parent(slot)), 2):
             return
-        first = self.inodes.first_child(slot, len(nodes))
+        first = self.inodes.first_child(slot, len(t))
         snap = self.inodes.snap(slot)
-        attr = self._attr
-        for i in range(max(0, start_id - 2), len(nodes)):
-            n = nodes[i]
-            if not reply(token, n.name, attr(first + i, n, snap), i + 3):
+        names, links, fill = t.names, t.hardlink, t.fill
+        hardlink = self.inodes.hardlink
+        a = self._new_attr()  # one object for the whole listing: readdir_reply copies it
+        for i in range(max(0, start_id - 2), len(names)):
+            ino = first + i
+            if links[i]:
+                ino = hardlink(snap, links[i], ino)
+            if not reply(token, names[i], fill(a, i, ino), i + 3):
                 return
 
     @guarded
@@ -466,52 +487,48 @@ class KiwiFS(pyfuse3.Operations):
             raise FUSEError(errno.EACCES)  # fail closed: no access that the trail would miss
         if inode in self.synth:
             raise FUSEError(errno.EISDIR)
-        slot, index, node = await self._locate(inode)
-        if node.type != TYPE_FILE:
-            raise FUSEError(errno.EISDIR if node.type == TYPE_DIR else errno.EINVAL)
+        slot, index, t = await self._locate(inode)
+        if not t.is_file(index):
+            raise FUSEError(errno.EISDIR if t.is_dir(index) else errno.EINVAL)
         snap = self.inodes.snap(slot)
-        h = FileHandle(inode, node, slot, snap)
+        size = t.size[index]
+        h = FileHandle(inode, size, t.chunks(index), slot, snap)
         fh = self._new_handle(h)
         self.opens += 1
         if inode not in self._audited:
             self._audited.add(inode)
             self.audit.opened(self.snaps[snap].hex, await self._path(inode))
-        if node.size <= SMALL_FILE:
-            self._prefetch_siblings(slot, index)
+        if size <= SMALL_FILE:
+            self._prefetch_siblings(slot, index, t)
         else:
             self._readahead(h, 0)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    def _prefetch_siblings(self, slot: int, index: int) -> None:
+    def _prefetch_siblings(self, slot: int, index: int, t: DirTable) -> None:
         """Fetch this small file and the small files after it in the directory, grouped by
         pack: tar, cp and rsync read a directory's files in its order."""
         horizon = self._horizon.get(slot, 0)
         if index < horizon - SIBLING_FILES // 2:
             return
-        hit = self.repo.tree_cache.get(self.inodes.tree(slot))
-        if hit is None:
-            return
-        nodes = hit[0]
         want: list[tuple[bytes, int]] = []
         total = 0
         j = max(index, horizon)
-        end = min(len(nodes), j + SIBLING_FILES)
+        end = min(len(t), j + SIBLING_FILES)
         while j < end and total < SIBLING_BYTES:
-            n = nodes[j]
-            j += 1
-            if n.type == TYPE_FILE and n.size <= SMALL_FILE:
-                for cid, size in n.chunks:
+            if t.is_file(j) and t.size[j] <= SMALL_FILE:
+                for cid, size in t.chunks(j):
                     if cid is not None:
                         want.append((cid, size))
                         total += size
+            j += 1
         self._horizon[slot] = j
         self.chunks.prefetch(self.nursery, want)
 
     def _readahead(self, h: FileHandle, pos: int) -> None:
         """Prefetch the chunks of a sequentially read file up to its window past POS."""
-        chunks = h.node.chunks
+        chunks = h.chunks
         if h.offsets is None:
-            h.offsets = h.node.offsets()
+            h.offsets = _offsets(chunks)
         offsets = h.offsets
         target = pos + max(h.window, 1)
         j = max(h.ra_index, bisect_right(offsets, pos) - 1)
@@ -540,12 +557,12 @@ class KiwiFS(pyfuse3.Operations):
         h = self.handles.get(fh)
         if not isinstance(h, FileHandle):
             raise FUSEError(errno.EBADF)
-        node = h.node
-        end = min(off + size, node.size)
+        end = min(off + size, h.size)
         if off >= end:
             return b""
         self.bytes_read += end - off
-        chunks = node.chunks
+        self.reads += 1
+        chunks = h.chunks
         if len(chunks) == 1:  # most files: one chunk, no search
             cid, csize = chunks[0]
             if cid is None:
@@ -553,7 +570,7 @@ class KiwiFS(pyfuse3.Operations):
             data = await self._chunk(h, cid, csize)
             return data if off == 0 and end == len(data) else memoryview(data)[off:end]
         if h.offsets is None:
-            h.offsets = node.offsets()
+            h.offsets = _offsets(chunks)
         offsets = h.offsets
         # sequential reads widen the readahead window; a seek closes it
         if off == h.next_off:
@@ -562,7 +579,7 @@ class KiwiFS(pyfuse3.Operations):
             h.window = 0
             h.ra_index = 0
         h.next_off = end
-        if h.window and (h.ra_index < len(chunks)) and offsets[h.ra_index] - end < h.window // 2:
+        if h.window and h.ra_index < len(chunks):
             self._readahead(h, end)
         i = bisect_right(offsets, off) - 1
         parts: list[bytes | memoryview] = []
@@ -590,8 +607,8 @@ class KiwiFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode in self.synth:
             raise FUSEError(pyfuse3.ENOATTR)
-        _slot, _index, node = await self._locate(inode)
-        value = node.xattrs.get(name)
+        _slot, index, t = await self._locate(inode)
+        value = t.xattrs.get(index, {}).get(name)
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
         return value
@@ -600,8 +617,8 @@ class KiwiFS(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode in self.synth:
             return []
-        _slot, _index, node = await self._locate(inode)
-        return list(node.xattrs)
+        _slot, index, t = await self._locate(inode)
+        return list(t.xattrs.get(index, ()))
 
     @guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -657,11 +674,17 @@ class KiwiFS(pyfuse3.Operations):
     # -- statistics ------------------------------------------------------------------------------
     def summary(self) -> dict:
         st = self.chunks.stats if self.chunks else None
-        return {"opens": self.opens, "bytes_read": self.bytes_read, "errors": self.errors,
+        return {"opens": self.opens, "reads": self.reads, "bytes_read": self.bytes_read, "errors": self.errors,
                 "inodes": self.inodes.allocated,
                 "chunk_hits": st.hits if st else 0, "chunk_misses": st.misses if st else 0,
                 "chunks_prefetched": st.prefetched if st else 0}
 
 
-def _name(n: Node) -> bytes:
-    return n.name
+def _offsets(chunks: list[tuple[bytes | None, int]]) -> list[int]:
+    """Start offset of each chunk, for the binary search of a read's offset (tree.chunk_at)."""
+    out = [0] * len(chunks)
+    pos = 0
+    for i, (_cid, size) in enumerate(chunks):
+        out[i] = pos
+        pos += size
+    return out
