@@ -150,6 +150,11 @@ def check(repo: Repository, read_data: bool = False,
     # Tree ids are shared between snapshots: files under an unchanged damaged directory are
     # named once, under the first snapshot that holds them.
     rep.damaged_files = list(affected)
+    failovers = getattr(repo.backend, "failovers", None)  # a replicated contract's reads
+    if failovers:
+        rep.notes.append(f"{len(failovers)} objects were read from another location than the primary "
+                         f"(first: {failovers[0]['key']} in {failovers[0]['failed']}: {failovers[0]['reason'][:120]}); "
+                         "run check --locations and repair")
     for f in rep.damaged_files[:1000]:
         rep.problems.append(f"damaged file: {f}")
     return rep

@@ -78,10 +78,13 @@ def contract() -> None:
 @click.argument("name")
 @click.option("--offer", type=click.Choice(OFFERS), required=True, help=_("cloud, or sante (health data, HDS)."))
 @click.option("--client", default="", help=_("Client's name, as written on the contract."))
+@click.option("--location", "locations", multiple=True, metavar="NAME",
+              help=_("Storage location (repeatable: primary first, then replicas; default: the offer's "
+                     "locations in kiwi.json, else primary)."))
 @pass_ctx
-def contract_create(c: Ctx, name: str, offer: str, client: str) -> None:
+def contract_create(c: Ctx, name: str, offer: str, client: str, locations: tuple[str, ...]) -> None:
     """Create contract NAME with its own key and repository."""
-    rec = service.create_contract(c.site, name, offer, client)
+    rec = service.create_contract(c.site, name, offer, client, locations=list(locations) or None)
     click.echo(_("contract {name} created (id {id}, offer {offer})").format(name=rec.name, id=rec.id, offer=rec.offer))
 
 
@@ -428,10 +431,16 @@ def restore_cmd(c: Ctx, contract: str, snapshot: str | None, path: str | None, t
 @cli.command("check")
 @click.argument("contract")
 @click.option("--read-data", is_flag=True, help=_("Also read, decrypt and authenticate every stored blob."))
+@click.option("--locations", is_flag=True, help=_("Compare the contract's storage locations object by object "
+                                                   "(with --read-data: content digests and authentication)."))
 @click.option("--json", "as_json", is_flag=True, help=_("Print JSON."))
 @pass_ctx
-def check_cmd(c: Ctx, contract: str, read_data: bool, as_json: bool) -> None:
+def check_cmd(c: Ctx, contract: str, read_data: bool, locations: bool, as_json: bool) -> None:
     """Check that every reference of CONTRACT resolves (exit code 5 on any problem)."""
+    if locations:
+        from .location_cli import check_locations
+
+        return check_locations(c.site, contract, read_data, as_json)
     report = service.run_check(c.site, contract, read_data)
     if as_json:
         _json(report.to_dict())
@@ -570,6 +579,9 @@ cli.add_command(mount_cmd), cli.add_command(umount_cmd)
 from .exporter.cli import export as _export_cmd  # noqa: E402 (issue 4: the exporter's commands)
 
 cli.add_command(_export_cmd)
+
+from .location_cli import location, repair_cmd  # noqa: E402, I001 - storage locations and replicas
+cli.add_command(location), cli.add_command(repair_cmd)
 
 
 def main() -> None:

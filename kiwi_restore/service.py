@@ -80,10 +80,12 @@ def open_contract(site: Site, name: str, action: str | None = None) -> tuple[Con
     return rec, site.open_repository(rec)
 
 
-def create_contract(site: Site, name: str, offer: str, client: str) -> ContractRecord:
+def create_contract(site: Site, name: str, offer: str, client: str,
+                    locations: list[str] | None = None) -> ContractRecord:
     with audited(site, "contract.create", None, {"name": name, "offer": offer}) as a:
-        rec = site.create_contract(name, offer, client)
+        rec = site.create_contract(name, offer, client, locations)
         a["details"]["contract_id"] = rec.id
+        a["details"]["locations"] = rec.locations
     return rec
 
 

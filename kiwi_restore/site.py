@@ -197,6 +197,38 @@ class Site:
             self._backends[location] = open_backend(url if "://" in url else self.path(url))
         return self._backends[location]
 
+    def add_location(self, name: str, url: str, create_bucket: bool = False) -> Backend:
+        """Declare storage location NAME in kiwi.json after checking that it answers."""
+        if not NAME_RE.match(name):
+            raise UsageError(_("invalid location name {name!r}").format(name=name))
+        backend = open_backend(url if "://" in url else self.path(url))
+        if create_bucket and hasattr(backend, "create_bucket"):
+            backend.create_bucket()
+        if hasattr(backend, "check_access"):
+            backend.check_access()
+        with file_lock(self.config_path + ".lock", wait=30, what="site configuration"):
+            self._config = None
+            cfg = self.config
+            if name in cfg["locations"]:
+                raise UsageError(_("location {name!r} already exists ({url})").format(name=name, url=cfg["locations"][name]))
+            cfg["locations"][name] = url
+            write_atomic(self.config_path, json.dumps(cfg, indent=1).encode())
+        self._backends[name] = backend
+        return backend
+
+    def contract_backend(self, rec: ContractRecord) -> Backend:
+        """The contract's storage: its one location, or all of them replicated (reads fail over
+        in order, writes go everywhere; failovers are audited as storage.failover)."""
+        if len(rec.locations) == 1:
+            return self.backend(rec.locations[0])
+        from .storage.replicated import ReplicatedBackend
+
+        def failover(key: str, failed: str, served: str, why: str) -> None:
+            self.audit.append("storage.failover", "recovered", rec.id,
+                              {"key": key, "location": failed, "served_by": served, "reason": why[:300]})
+
+        return ReplicatedBackend([(n, self.backend(n)) for n in rec.locations], failover)
+
     def tmp_dir(self) -> str:
         path = self.path(self.config.get("tmp", "tmp"))
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -236,7 +268,10 @@ class Site:
             raise UsageError(_("invalid contract name {name!r} (letters, digits, '.', '_', '-'; 64 at most)").format(name=name))
         if offer not in OFFERS:
             raise UsageError(_("unknown offer {offer!r} (cloud or sante)").format(offer=offer))
-        locations = locations or ["primary"]
+        # Default: the offer's locations in kiwi.json (e.g. sante: primary + replica), else primary.
+        locations = list(locations or self.config["offers"].get(offer, {}).get("locations") or ["primary"])
+        if len(set(locations)) != len(locations):
+            raise UsageError(_("a location is named twice: {locs}").format(locs=", ".join(locations)))
         for loc in locations:
             self.backend(loc)
         with self.registry_lock():
@@ -246,8 +281,8 @@ class Site:
                                  created=self.clock.iso(), locations=locations)
             key = self.keystore.create_contract_key(rec.id)
             keys = ContractKeys.derive(rec.id_bytes, key)
-            for loc in locations:
-                Repository.create(self.backend(loc), rec.prefix, keys)
+            # One write to every location: the copies are byte-identical (check --locations).
+            Repository.create(self.contract_backend(rec), rec.prefix, keys)
             self.save_contract(rec)
         return rec
 
@@ -256,4 +291,4 @@ class Site:
 
     def open_repository(self, rec: ContractRecord, keys: ContractKeys | None = None, **kw) -> Repository:
         keys = keys or self.contract_keys(rec)
-        return Repository.open(self.backend(rec.locations[0]), rec.prefix, keys, **kw)
+        return Repository.open(self.contract_backend(rec), rec.prefix, keys, **kw)
