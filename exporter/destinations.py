@@ -15,6 +15,7 @@ import ipaddress
 import os
 import posixpath
 import stat
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -137,9 +138,9 @@ class LocalWriter:
     opened one component at a time with O_NOFOLLOW, so a symlink planted in the destination
     cannot redirect a write outside it."""
 
-    def __init__(self, root: str, key: str) -> None:
+    def __init__(self, root: str, key: str, dirs: _DirCache | None = None) -> None:
         parts = check_key(key, 4000).split("/")
-        self.dfd = _open_dirs(root, parts[:-1])
+        self.dfd = dirs.open(parts[:-1]) if dirs is not None else _open_dirs(root, parts[:-1])
         self.name = parts[-1]
         self.tmp = _tmp_name(self.name)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -184,6 +185,39 @@ def _open_dirs(root: str, parts: list[str]) -> int:
     return fd
 
 
+class _DirCache:
+    """Directories of a local destination already opened (component by component, O_NOFOLLOW):
+    a writer gets a duplicate of its directory's descriptor instead of walking the path again
+    (an export writes its files directory after directory)."""
+
+    MAX = 256
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fds: dict[tuple[str, ...], int] = {}
+        self.lock = threading.Lock()
+
+    def open(self, parts: list[str]) -> int:
+        key = tuple(parts)
+        with self.lock:
+            fd = self.fds.get(key)
+            if fd is not None:
+                return os.dup(fd)
+        fd = _open_dirs(self.root, parts)
+        with self.lock:
+            if key not in self.fds:
+                if len(self.fds) >= self.MAX:
+                    os.close(self.fds.pop(next(iter(self.fds))))
+                self.fds[key] = os.dup(fd)
+        return fd
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+
 class LocalDestination(Destination):
     kind = "local"
     region = "local"  # the provider's own site (in France, Art. 12)
@@ -191,6 +225,7 @@ class LocalDestination(Destination):
     def __init__(self, path: str) -> None:
         self.root = os.path.abspath(path)
         self.max_key = 3800
+        self._dirs = _DirCache(self.root)
 
     @property
     def display(self) -> str:
@@ -200,7 +235,10 @@ class LocalDestination(Destination):
         os.makedirs(self.root, exist_ok=True)
 
     def sync_writer(self, key: str) -> LocalWriter:
-        return LocalWriter(self.root, key)
+        return LocalWriter(self.root, key, self._dirs)
+
+    async def close(self) -> None:
+        self._dirs.close()
 
     async def put(self, key: str, chunks: AsyncIterator[bytes], state: UploadState | None = None,
                   size_hint: int = 0) -> None:

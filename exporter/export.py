@@ -20,6 +20,7 @@ from ..signing import verify as verify_signature
 from ..site import Site
 from ..snapshot import Snapshot, newest_at, parse_time
 from .destinations import Destination, DestOptions, parse_destination, region_in_eu
+from .fetch import Prefetcher
 from .journal import Journal, job_id
 from .pipeline import Engine, Progress
 from .plan import FORMATS, REPORT_STEM, Plan
@@ -160,7 +161,8 @@ async def _export(site: Site, rec, plan: Plan, dest: Destination, journal: Journ
 
     t0 = time.monotonic()
     await dest.start()
-    engine = Engine(dest, journal, jobs, progress, plan.fmt == "bagit", producers)
+    engine = Engine(dest, journal, jobs, progress, plan.fmt == "bagit", producers,
+                    prefetcher=lambda: Prefetcher(plan.repo, plan.pool))
     ticker = asyncio.create_task(progress.ticker())
     try:
         if not resumed:

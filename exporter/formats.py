@@ -18,7 +18,6 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Protocol
 
-from ..crypto import KIND_CHUNK
 from ..repository import Repository
 from ..restore import walk
 from ..tree import (
@@ -30,10 +29,8 @@ from ..tree import (
     TYPE_SYMLINK,
     Node,
 )
+from .fetch import Prefetcher, Ticket, walk_ahead
 from .names import encode_path
-
-PREFETCH = 8
-ZERO_BLOCK = 1 << 20
 
 
 class Sink(Protocol):
@@ -41,44 +38,30 @@ class Sink(Protocol):
 
 
 def file_content(repo: Repository, node: Node, sink: Sink, pool: Executor | None) -> None:
-    """Write a file's bytes (holes as zeros), reading chunks ahead in POOL."""
-    chunks = node.chunks
-    pending: list = []
-    nxt = 0
-
-    def fill() -> None:
-        nonlocal nxt
-        while nxt < len(chunks) and len(pending) < PREFETCH:
-            cid, size = chunks[nxt]
-            if cid is None:
-                pending.append((None, size))
-            elif pool is not None:
-                pending.append((pool.submit(repo.read_blob, cid, KIND_CHUNK), size))
-            else:
-                pending.append((cid, size))
-            nxt += 1
-
-    fill()
+    """Write a file's bytes (holes as zeros), reading its chunks ahead in POOL in batches."""
+    pf = Prefetcher(repo, pool)
     try:
-        while pending:
-            fut, size = pending.pop(0)
-            fill()
-            if fut is None:
-                while size:
-                    n = min(size, ZERO_BLOCK)
-                    sink.write(bytes(n))
-                    size -= n
-            else:
-                data = repo.read_blob(fut, KIND_CHUNK) if isinstance(fut, bytes) else fut.result()
-                if len(data) != size:
-                    from ..errors import IntegrityError
-
-                    raise IntegrityError(f"chunk of {size} bytes decoded to {len(data)}")
-                sink.write(data)
+        t = pf.add(node)
+        pf.flush()
+        for data in pf.content(t):
+            sink.write(data)
     finally:
-        for fut, _ in pending:
-            if fut is not None and not isinstance(fut, bytes):
-                fut.cancel()
+        pf.close()
+
+
+def file_wanted() -> Callable[[Node], bool]:
+    """For walk_ahead: regular files, a hardlinked file's content only at its first link."""
+    seen: set[int] = set()
+
+    def want(node: Node) -> bool:
+        if node.type != TYPE_FILE:
+            return False
+        if node.hardlink:
+            if node.hardlink in seen:
+                return False
+            seen.add(node.hardlink)
+        return True
+    return want
 
 
 def snapshot_entries(repo: Repository, tree: bytes) -> Iterator[tuple[bytes, Node]]:
@@ -145,7 +128,9 @@ class TarWriter:
         self.written += len(data)
 
     def add(self, repo: Repository, name: bytes, node: Node, links: dict[int, bytes],
-            pool: Executor | None) -> None:
+            pool: Executor | None, pf: Prefetcher | None = None, ticket: Ticket | None = None) -> None:
+        """One member; its content from TICKET of PF when given (walk_ahead with file_wanted),
+        else read now."""
         ti = tarfile.TarInfo(_s(name))
         ti.mode = node.mode
         ti.uid, ti.gid = node.uid, node.gid
@@ -176,12 +161,26 @@ class TarWriter:
             return
         ti.pax_headers = pax
         self._w(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if ticket is not None and not data:
+            pf.discard(ticket)  # type: ignore[union-attr]
         if data:
-            counter = _Counting(self.sink)
-            file_content(repo, node, counter, pool)
-            self.written += counter.n
-            if counter.n % tarfile.BLOCKSIZE:
-                self._w(bytes(tarfile.BLOCKSIZE - counter.n % tarfile.BLOCKSIZE))
+            n = 0
+            if ticket is not None:
+                write = self.sink.write
+                for chunk in pf.content(ticket):  # type: ignore[union-attr]
+                    write(chunk)
+                    n += len(chunk)
+            else:
+                counter = _Counting(self.sink)
+                file_content(repo, node, counter, pool)
+                n = counter.n
+            self.written += n
+            if n != node.size:
+                from ..errors import IntegrityError
+
+                raise IntegrityError(f"{name!r}: {n} bytes of content for a size of {node.size}")
+            if n % tarfile.BLOCKSIZE:
+                self._w(bytes(tarfile.BLOCKSIZE - n % tarfile.BLOCKSIZE))
 
     def close(self) -> None:
         self._w(bytes(2 * tarfile.BLOCKSIZE))
@@ -242,8 +241,9 @@ def write_zip(repo: Repository, tree: bytes, sink: Sink, pool: Executor | None,
     determinism across zlib versions). Names are safe UTF-8 (names.py); fifos, devices and
     sockets are only in the metadata sidecar. Returns warnings."""
     warnings: list[str] = []
+    pf = Prefetcher(repo, pool)
     with zipfile.ZipFile(_ZipOut(sink), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for path, node in snapshot_entries(repo, tree):
+        for path, node, ticket in walk_ahead(pf, snapshot_entries(repo, tree), lambda n: n.type == TYPE_FILE):
             name, _ = encode_path(path)
             if node.type == TYPE_DIR:
                 zi = _zip_info(name + "/", node, stat.S_IFDIR | node.mode)
@@ -253,7 +253,8 @@ def write_zip(repo: Repository, tree: bytes, sink: Sink, pool: Executor | None,
                 zi = _zip_info(name, node, stat.S_IFREG | node.mode)
                 zi.file_size = node.size  # > 4 GiB: zipfile then writes ZIP64 records
                 with zf.open(zi, "w", force_zip64=node.size > (1 << 31)) as out:
-                    file_content(repo, node, _ZipOut(out), pool)  # type: ignore[arg-type]
+                    for chunk in pf.content(ticket):
+                        out.write(chunk)
                 if on_file:
                     on_file()
             elif node.type == TYPE_SYMLINK:

@@ -12,7 +12,9 @@ destination becomes a hash below `~long/`. Both are recorded in the export's nam
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 import unicodedata
 
 from ..errors import KiwiError
@@ -32,6 +34,11 @@ def _char_ok(ch: str) -> bool:
     return cat not in ("Cc", "Cs", "Zl", "Zp") and ch not in ESCAPED
 
 
+# What _char_ok refuses, as one character class: Cc is exactly U+0000-001F and U+007F-009F,
+# Zl is U+2028 and Zp U+2029 alone; Cs (surrogates) never comes out of strict UTF-8 decoding.
+_UNSAFE_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029%^\ud800-\udfff]")
+
+
 def component_is_safe(name: bytes) -> bool:
     if not name or name in (b".", b"..") or len(name) > MAX_COMPONENT or b"/" in name:
         return False
@@ -39,9 +46,10 @@ def component_is_safe(name: bytes) -> bool:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
         return False
-    return all(_char_ok(ch) for ch in text)
+    return _UNSAFE_CHAR.search(text) is None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def encode_component(name: bytes) -> tuple[str, bool]:
     """(text, changed): NAME as a safe component, percent-encoded where needed."""
     if component_is_safe(name):
@@ -91,13 +99,13 @@ def _shorten(text: str, original: bytes) -> str:
 
 def encode_path(path: bytes) -> tuple[str, bool]:
     """A stored path ('/a/b', bytes) to a relative safe key ('a/b'), and whether it changed."""
-    parts = [p for p in path.split(b"/") if p]
     changed = False
     out = []
-    for p in parts:
-        text, c = encode_component(p)
-        out.append(text)
-        changed |= c
+    for p in path.split(b"/"):
+        if p:
+            text, c = encode_component(p)
+            out.append(text)
+            changed |= c
     return "/".join(out), changed
 
 

@@ -17,12 +17,13 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from itertools import islice
 
 from ..errors import BackendError, KiwiError
 from .destinations import Destination, UploadState
+from .fetch import Prefetcher, Ticket
 from .journal import Digest, Journal
 from .plan import Item
 
@@ -86,38 +87,74 @@ class Progress:
 
 
 class HashSink:
-    """Thread side: hash (SHA-256, and SHA-512 for BagIt), count, forward in ~1 MiB chunks."""
+    """Thread side: hash (SHA-256, and SHA-512 for BagIt), count, forward in ~1 MiB blocks.
 
-    def __init__(self, out, sha512: bool, progress: Progress) -> None:  # noqa: ANN001
+    Small writes (tar headers, small files) are gathered first, so hashing and output work
+    on whole blocks. With HASHER (an executor), SHA-512 of a large block runs there while
+    this thread computes SHA-256 and writes it out (hashlib releases the GIL on large
+    buffers: two cores hash at once). COPY=False hands the block's own buffer to OUT (a
+    synchronous writer that does not keep it)."""
+
+    PARALLEL_MIN = 256 << 10
+
+    def __init__(self, out, sha512: bool, progress: Progress, copy: bool = True,  # noqa: ANN001
+                 hasher: Executor | None = None) -> None:
         self.out = out
         self.h256 = hashlib.sha256()
         self.h512 = hashlib.sha512() if sha512 else None
         self.size = 0
+        self.reported = 0  # bytes counted in the progress
         self.buf = bytearray()
         self.progress = progress
+        self.copy = copy
+        self.hasher = hasher if sha512 else None
+        self._h512_fut: concurrent.futures.Future | None = None
+
+    def _emit(self, block: bytes | bytearray) -> None:
+        n = len(block)
+        if self.h512 is not None:
+            if self._h512_fut is not None:
+                self._h512_fut.result()
+                self._h512_fut = None
+            if self.hasher is not None and n >= self.PARALLEL_MIN:
+                self._h512_fut = self.hasher.submit(self.h512.update, block)
+            else:
+                self.h512.update(block)
+        self.h256.update(block)
+        self.out(bytes(block) if self.copy and not isinstance(block, bytes) else block)
+        self.reported += n
+        self.progress.add(0, n)
 
     def write(self, data: bytes | memoryview) -> None:
         n = len(data)
         if not n:
             return
-        self.h256.update(data)
-        if self.h512 is not None:
-            self.h512.update(data)
         self.size += n
-        self.progress.add(0, n)
         if n >= BUF and not self.buf:
-            self.out(bytes(data))
+            self._emit(data if isinstance(data, bytes) else bytes(data))
             return
         self.buf += data
         if len(self.buf) >= BUF:
-            self.out(bytes(self.buf))
-            self.buf.clear()
+            block, self.buf = self.buf, bytearray()  # a new buffer: SHA-512 may still read the old one
+            self._emit(block)
 
     def close(self) -> Digest:
         if self.buf:
-            self.out(bytes(self.buf))
-            self.buf.clear()
+            block, self.buf = self.buf, bytearray()
+            self._emit(block)
+        if self._h512_fut is not None:
+            self._h512_fut.result()
+            self._h512_fut = None
         return Digest(self.size, self.h256.digest(), self.h512.digest() if self.h512 else b"")
+
+    def abandon(self) -> None:
+        """Wait for a SHA-512 still running (before the object is thrown away)."""
+        if self._h512_fut is not None:
+            try:
+                self._h512_fut.result()
+            except BaseException:  # noqa: BLE001
+                pass
+            self._h512_fut = None
 
 
 class _Aborted(Exception):
@@ -204,22 +241,122 @@ def retryable(exc: BaseException) -> bool:
 
 class Engine:
     def __init__(self, dest: Destination, journal: Journal, jobs: int, progress: Progress, sha512: bool,
-                 producers: ThreadPoolExecutor) -> None:
+                 producers: ThreadPoolExecutor, prefetcher: Callable[[], Prefetcher] | None = None) -> None:
         self.dest = dest
         self.journal = journal
         self.jobs = jobs
         self.progress = progress
         self.sha512 = sha512
         self.producers = producers
+        self.prefetcher = prefetcher
         self.walker = ThreadPoolExecutor(1, thread_name_prefix="kiwi-export-plan")
+        self.hasher = ThreadPoolExecutor(2, thread_name_prefix="kiwi-export-hash") if sha512 else None
         self.sent = self.skipped = self.retries = 0
         self.sent_bytes = 0
+        self._count_lock = threading.Lock()
 
     def close(self) -> None:
         self.walker.shutdown(wait=False, cancel_futures=True)
+        if self.hasher is not None:
+            self.hasher.shutdown(wait=False, cancel_futures=True)
 
     async def run_all(self, items: Iterable[Item], start: int = 0) -> int:
         """Every item of ITEMS (a lazy, deterministic sequence), JOBS at a time; returns the count."""
+        if self.dest.kind == "local" and self.prefetcher is not None:
+            sent, skipped = self.sent, self.skipped
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self.walker, self._stream_local, items,
+                                                                        start)
+            except Exception as exc:  # noqa: BLE001 (classified just below)
+                if not retryable(exc):
+                    raise
+                # a transient local error: go over the items again the careful way (retries,
+                # backoff); those already written are in the journal and are skipped
+                self.retries += 1
+                fast_sent, self.skipped = self.sent - sent, skipped
+                count = await self._run_all(items, start)
+                self.skipped -= fast_sent
+                return count
+        return await self._run_all(items, start)
+
+    def _stream_local(self, items: Iterable[Item], start: int) -> int:
+        """Local destination: this thread walks the items in order and queues their chunks in a
+        Prefetcher (batched, pack-grouped reads ahead across files); writer threads hash and
+        write whole files. No asyncio hop per object."""
+        pf = self.prefetcher()
+        slots = threading.BoundedSemaphore(max(16, self.jobs * 64))
+        failed: list[BaseException] = []
+        pending: set[concurrent.futures.Future] = set()
+        room = threading.Condition()
+        count = 0
+
+        def done(fut: concurrent.futures.Future) -> None:
+            exc = fut.exception()
+            if exc is not None:
+                failed.append(exc)
+            slots.release()
+            with room:
+                pending.discard(fut)
+                room.notify_all()
+
+        try:
+            for item in items:
+                if failed:
+                    break
+                index = start + count
+                count += 1
+                d = self.journal.done(index)
+                if d is not None:
+                    self.progress.add(item.files, d.size)
+                    self.skipped += 1
+                    continue
+                node = item.node
+                if node is not None:
+                    with room:  # bounded read-ahead: wait while the window is full
+                        while pending and not pf.hungry() and not failed:
+                            room.wait(0.05)
+                ticket = pf.add(node) if node is not None else None
+                slots.acquire()
+                fut = self.producers.submit(self._write_local, index, item, pf, ticket)
+                with room:
+                    pending.add(fut)
+                fut.add_done_callback(done)
+            pf.flush()
+            while True:
+                with room:
+                    if not pending:
+                        break
+                    room.wait(0.05)
+                pf.flush()
+        finally:
+            pf.close()
+        if failed:
+            raise failed[0]
+        return count
+
+    def _write_local(self, index: int, item: Item, pf: Prefetcher, ticket: Ticket | None) -> None:
+        w = self.dest.sync_writer(item.key)
+        sink = HashSink(w.write, self.sha512, self.progress, copy=False, hasher=self.hasher)
+        try:
+            if ticket is not None:
+                for data in pf.content(ticket):
+                    sink.write(data)
+            else:
+                item.produce(sink)
+            d = sink.close()
+            w.commit()
+        except BaseException:
+            sink.abandon()
+            w.abort()
+            self.progress.add(0, -sink.reported)
+            raise
+        self.journal.mark_done(index, d)
+        self.progress.add(item.files, 0)
+        with self._count_lock:
+            self.sent += 1
+            self.sent_bytes += d.size
+
+    async def _run_all(self, items: Iterable[Item], start: int = 0) -> int:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue(self.jobs * 2)
         count = 0
@@ -283,7 +420,7 @@ class Engine:
                     return d
                 except BaseException:
                     w.abort()
-                    self.progress.add(0, -sink.size)
+                    self.progress.add(0, -sink.reported)
                     raise
             return await loop.run_in_executor(self.producers, direct)
 
@@ -311,6 +448,6 @@ class Engine:
                 await fut
             except BaseException:  # noqa: BLE001 (the consumer's error is the one reported)
                 pass
-            self.progress.add(0, -sink.size)
+            self.progress.add(0, -sink.reported)
             raise
         return await fut

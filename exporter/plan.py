@@ -31,8 +31,17 @@ from .. import __version__
 from ..repository import Repository
 from ..site import ContractRecord
 from ..snapshot import Snapshot
-from ..tree import TYPE_DIR, TYPE_FILE, TYPE_SYMLINK
-from .formats import Sink, TarWriter, file_content, metadata_line, snapshot_entries, write_zip
+from ..tree import TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, Node
+from .fetch import Prefetcher, walk_ahead
+from .formats import (
+    Sink,
+    TarWriter,
+    file_content,
+    file_wanted,
+    metadata_line,
+    snapshot_entries,
+    write_zip,
+)
 from .journal import Digest
 from .names import encode_path, long_key
 
@@ -50,6 +59,7 @@ class Item:
     size_hint: int = 0
     files: int = 0
     payload: bool = False  # a BagIt payload file (manifest-*.txt, Payload-Oxum)
+    node: Node | None = None  # a file's node: its content is exactly this node's bytes
 
 
 @dataclass
@@ -75,10 +85,15 @@ class Plan:
     pool: Executor | None = None
     organization: str = "kiwi-restore"
     warnings: list[str] = field(default_factory=list)
+    _bases: dict = field(default_factory=dict, repr=False)
+    _inventory: dict | None = field(default=None, repr=False)
 
     # -- keys ------------------------------------------------------------------------------
     def snap_base(self, s: Snapshot) -> str:
-        return f"{s.machine}/{s.dirname()}"
+        base = self._bases.get(s.id)
+        if base is None:
+            base = self._bases[s.id] = f"{s.machine}/{s.dirname()}"
+        return base
 
     def file_key(self, s: Snapshot, path: bytes) -> tuple[str, bool]:
         base = "data/" + self.snap_base(s)
@@ -98,18 +113,35 @@ class Plan:
         if self.fmt == "tar":
             yield from self._tar_items()
             return
+        for kind, s, node, key in self._content_specs():
+            if kind == "file":
+                yield Item(key, self._file_producer(node), size_hint=node.size, files=1,
+                           payload=self.fmt == "bagit", node=node)
+            elif kind == "zip":
+                yield Item(key, self._zip_producer(s), size_hint=int(s.stats.get("bytes", 0) * 1.02) + (1 << 20),
+                           files=s.stats.get("files", 0))
+            else:
+                yield Item(key, self._sidecar_producer(s))
+
+    def content_keys(self) -> Iterator[tuple[str, bool]]:
+        """(key, payload) of every content object, in content()'s order, without building Items."""
+        if self.fmt == "tar":
+            for it in self._tar_items():
+                yield it.key, it.payload
+            return
+        bagit = self.fmt == "bagit"
+        for kind, _s, _node, key in self._content_specs():
+            yield key, bagit and kind == "file"
+
+    def _content_specs(self) -> Iterator[tuple[str, Snapshot, Node | None, str]]:
         for s in self.snaps:
             if self.fmt == "zip":
-                yield Item(f"archives/{self.snap_base(s)}.zip", self._zip_producer(s),
-                           size_hint=int(s.stats.get("bytes", 0) * 1.02) + (1 << 20), files=s.stats.get("files", 0))
+                yield "zip", s, None, f"archives/{self.snap_base(s)}.zip"
             else:
                 for path, node in snapshot_entries(self.repo, s.tree):
-                    if node.type != TYPE_FILE:
-                        continue
-                    key, _ = self.file_key(s, path)
-                    yield Item(key, self._file_producer(node), size_hint=node.size, files=1,
-                               payload=self.fmt == "bagit")
-            yield Item(f"metadata/{self.snap_base(s)}.jsonl", self._sidecar_producer(s))
+                    if node.type == TYPE_FILE:
+                        yield "file", s, node, self.file_key(s, path)[0]
+            yield "sidecar", s, None, f"metadata/{self.snap_base(s)}.jsonl"
 
     def _file_producer(self, node) -> Callable[[Sink], None]:
         return lambda sink: file_content(self.repo, node, sink, self.pool)
@@ -123,11 +155,16 @@ class Plan:
         def produce_for(snaps: list[Snapshot], prefixed: bool) -> Callable[[Sink], None]:
             def produce(sink: Sink) -> None:
                 tw = TarWriter(sink)
-                for s in snaps:
-                    prefix = (self.snap_base(s) + "/").encode() if prefixed else b""
-                    links: dict[int, bytes] = {}
-                    for path, node in snapshot_entries(self.repo, s.tree):
-                        tw.add(self.repo, prefix + path.lstrip(b"/"), node, links, self.pool)
+                pf = Prefetcher(self.repo, self.pool)
+                try:
+                    for s in snaps:
+                        prefix = (self.snap_base(s) + "/").encode() if prefixed else b""
+                        links: dict[int, bytes] = {}
+                        entries = walk_ahead(pf, snapshot_entries(self.repo, s.tree), file_wanted())
+                        for path, node, ticket in entries:
+                            tw.add(self.repo, prefix + path.lstrip(b"/"), node, links, self.pool, pf, ticket)
+                finally:
+                    pf.close()
                 tw.close()
                 self.warnings.extend(tw.warnings)
             return produce
@@ -195,8 +232,8 @@ class Plan:
             add(f"docs/{name}", lambda sink, t=text: sink.write(t))
 
         def listed() -> Iterator[tuple[str, Digest, bool]]:
-            for i, it in enumerate(self.content()):
-                yield it.key, digest(i), it.payload
+            for i, (key, payload) in enumerate(self.content_keys()):
+                yield key, digest(i), payload
             for k, i in index_of.items():
                 if k not in ("SHA256SUMS",) and not k.startswith("tagmanifest-"):
                     yield k, digest(i), False
@@ -208,23 +245,41 @@ class Plan:
             add("SHA256SUMS", sums)
             return items
 
+        # the content objects that are tag files (metadata sidecars), by index: found while a
+        # manifest is written, or by a walk of their own when the manifests were done by an
+        # earlier run
+        tags: list[tuple[int, str]] | None = None
+
+        def tag_objects() -> list[tuple[int, str]]:
+            nonlocal tags
+            if tags is None:
+                tags = [(i, key) for i, (key, payload) in enumerate(self.content_keys()) if not payload]
+            return tags
+
         def manifest(alg: str) -> Callable[[Sink], None]:
             def produce(sink: Sink) -> None:
-                for i, it in enumerate(self.content()):
-                    if it.payload:
-                        sink.write(bagit_line(_hex(digest(i), alg), it.key))
+                nonlocal tags
+                found = []
+                for i, (key, payload) in enumerate(self.content_keys()):
+                    if payload:
+                        sink.write(bagit_line(_hex(digest(i), alg), key))
+                    else:
+                        found.append((i, key))
+                tags = found
             return produce
 
         add("manifest-sha256.txt", manifest("sha256"))
         add("manifest-sha512.txt", manifest("sha512"))
-        add("bag-info.txt", lambda sink: sink.write(self._bag_info(count, digest)))
+        add("bag-info.txt", lambda sink: sink.write(self._bag_info(count, digest, tag_objects())))
         add("bagit.txt", lambda sink: sink.write(b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"))
 
         def tagmanifest(alg: str) -> Callable[[Sink], None]:
             def produce(sink: Sink) -> None:
-                for key, d, payload in listed():
-                    if not payload:
-                        sink.write(bagit_line(_hex(d, alg), key))
+                for i, key in tag_objects():
+                    sink.write(bagit_line(_hex(digest(i), alg), key))
+                for k, i in index_of.items():
+                    if not k.startswith("tagmanifest-"):
+                        sink.write(bagit_line(_hex(digest(i), alg), k))
             return produce
 
         add("tagmanifest-sha256.txt", tagmanifest("sha256"))
@@ -250,6 +305,11 @@ class Plan:
                     sink.write(json.dumps(line, ensure_ascii=False, sort_keys=True).encode() + b"\n")
 
     def inventory(self) -> dict:
+        if self._inventory is None:
+            self._inventory = self._compute_inventory()
+        return self._inventory
+
+    def _compute_inventory(self) -> dict:
         snaps = []
         totals = SnapStats()
         for s in self.snaps:
@@ -281,10 +341,11 @@ class Plan:
             w.writerow([s[c] for c in cols])
         return out.getvalue().encode()
 
-    def _bag_info(self, count: int, digest: Callable[[int], Digest]) -> bytes:
+    def _bag_info(self, count: int, digest: Callable[[int], Digest], tags: list[tuple[int, str]]) -> bytes:
+        tag_index = {i for i, _ in tags}
         nbytes = nfiles = 0
-        for i, it in enumerate(self.content()):
-            if it.payload:
+        for i in range(count):
+            if i not in tag_index:
                 nbytes += digest(i).size
                 nfiles += 1
         machines = sorted({s.machine for s in self.snaps})

@@ -3,10 +3,17 @@
 export-tar and plain `tar cf` of the source, on the same dataset (scripts/make_dataset.py).
 
 Each command's wall time and peak RSS (its own and its children's, from wait4) are
-measured; throughput = source bytes / wall time. Output: a table on stderr, JSON lines on
-stdout. Goals: tar >= 220 MB/s, BagIt >= 150 MB/s, RSS <= 300 MiB.
+measured; throughput = source bytes / wall time. With --repeat N the tools run round-robin
+N times (so a neighbour's load hits them alike) and the median is reported, with its ratio
+to restic dump, borg export-tar and tar cf measured in the same run. Output: a table on
+stderr, JSON lines on stdout. Goals: tar >= 220 MB/s, BagIt >= 150 MB/s, RSS <= 300 MiB.
 
-Usage: scripts/bench_export.py [--scale small|medium|full] [--work DIR] [--tools ours,restic,borg,tar]
+Usage: scripts/bench_export.py [--scale small|medium|full] [--data DIR] [--work DIR]
+                               [--tools ours,restic,borg,tar] [--repeat N] [--reuse]
+
+--data DIR uses an existing dataset (DIR/src, e.g. /tmp/bench-data/full) instead of
+generating one under --work; --reuse keeps the repositories of an earlier run (same --work)
+instead of backing up again.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -23,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 KIWI = [sys.executable, "-m", "kiwi_restore.cli"]
 GOALS = {"ours-tar": 220e6, "ours-bagit": 150e6}
+PEERS = ("restic-dump", "borg-export-tar", "tar-cf")
 
 
 def run(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
@@ -34,7 +43,8 @@ def run(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict
     err = p.stderr.read().decode(errors="replace") if p.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return {"wall": wall, "rss_mib": usage.ru_maxrss / 1024}
+    return {"wall": wall, "rss_mib": usage.ru_maxrss / 1024,
+            "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def du(path: str) -> int:
@@ -50,61 +60,94 @@ def du(path: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", default="small")
+    ap.add_argument("--data", help="an existing dataset directory (holding src/)")
     ap.add_argument("--work", default="/tmp/bench-export")
     ap.add_argument("--tools", default="ours,restic,borg,tar")
     ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--reuse", action="store_true", help="keep the repositories of an earlier run")
     a = ap.parse_args()
     tools = a.tools.split(",")
-    data = os.path.join(a.work, "data")
-    subprocess.run([sys.executable, os.path.join(HERE, "make_dataset.py"), "--scale", a.scale, "--out", data],
-                   check=True, stdout=subprocess.DEVNULL)
+    os.makedirs(a.work, exist_ok=True)
+    data = a.data or os.path.join(a.work, "data")
+    if not a.data:
+        subprocess.run([sys.executable, os.path.join(HERE, "make_dataset.py"), "--scale", a.scale, "--out", data],
+                       check=True, stdout=subprocess.DEVNULL)
     src = os.path.join(data, "src")
     size = du(src)
     out = os.path.join(a.work, "out")
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    results = []
+    runs: dict[str, list[dict]] = {}
 
-    def emit(tool: str, r: dict) -> None:
-        rate = size / r["wall"]
-        goal = GOALS.get(tool)
-        rec = {"tool": tool, "bytes": size, "seconds": round(r["wall"], 3), "MB_per_s": round(rate / 1e6, 1),
-               "rss_MiB": round(r["rss_mib"], 1),
-               "goal_met": None if goal is None else bool(rate >= goal and r["rss_mib"] <= 300)}
-        results.append(rec)
-        print(json.dumps(rec), flush=True)
+    def fresh(path: str) -> str:
+        shutil.rmtree(path, ignore_errors=True)
+        return path
 
+    cases: list[tuple[str, object]] = []  # (tool, callable running it once)
     if "ours" in tools:
         home = os.path.join(a.work, "kiwi-home")
-        shutil.rmtree(home, ignore_errors=True)
         env = {"KIWI_RESTORE_HOME": home, "KIWI_RESTORE_PASSPHRASE": "bench"}
-        for cmd in (["init"], ["contract", "create", "bench", "--offer", "cloud"], ["machine", "add", "bench", "m1"],
-                    ["backup", "bench", "--machine", "m1", src]):
-            run(KIWI + cmd, env)
+        if not (a.reuse and os.path.isdir(home)):
+            shutil.rmtree(home, ignore_errors=True)
+            for cmd in (["init"], ["contract", "create", "bench", "--offer", "cloud"],
+                        ["machine", "add", "bench", "m1"], ["backup", "bench", "--machine", "m1", src]):
+                run(KIWI + cmd, env)
         for fmt in ("tar", "bagit"):
-            emit(f"ours-{fmt}", run(KIWI + ["export", "bench", "--to", os.path.join(out, f"ours-{fmt}"), "--format",
-                                            fmt, "--no-verify", "--progress", "none", "--jobs", str(a.jobs)], env))
+            cases.append((f"ours-{fmt}", lambda fmt=fmt, env=env: run(
+                KIWI + ["export", "bench", "--to", fresh(os.path.join(out, f"ours-{fmt}")), "--format", fmt,
+                        "--no-verify", "--progress", "none", "--jobs", str(a.jobs)], env)))
     if "restic" in tools and shutil.which("restic"):
         repo = os.path.join(a.work, "restic-repo")
-        shutil.rmtree(repo, ignore_errors=True)
         env = {"RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": os.path.join(a.work, "restic-cache")}
-        run(["restic", "-r", repo, "init", "-q"], env)
-        run(["restic", "-r", repo, "backup", "-q", src], env)
-        emit("restic-dump", run(["sh", "-c", f"restic -r {repo} dump -q latest {src} > {out}/restic.tar"], env))
+        if not (a.reuse and os.path.isdir(repo)):
+            shutil.rmtree(repo, ignore_errors=True)
+            run(["restic", "-r", repo, "init", "-q"], env)
+            run(["restic", "-r", repo, "backup", "-q", src], env)
+        cases.append(("restic-dump", lambda repo=repo, env=env: run(
+            ["sh", "-c", f"restic -r {repo} dump -q latest {src} > {out}/restic.tar"], env)))
     if "borg" in tools and shutil.which("borg"):
         repo = os.path.join(a.work, "borg-repo")
-        shutil.rmtree(repo, ignore_errors=True)
         env = {"BORG_PASSPHRASE": "bench", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
                "BORG_BASE_DIR": os.path.join(a.work, "borg-base")}
-        run(["borg", "init", "-e", "repokey-blake2", repo], env)
-        run(["borg", "create", f"{repo}::a1", src], env)
-        emit("borg-export-tar", run(["borg", "export-tar", f"{repo}::a1", f"{out}/borg.tar"], env))
+        if not (a.reuse and os.path.isdir(repo)):
+            shutil.rmtree(repo, ignore_errors=True)
+            run(["borg", "init", "-e", "repokey-blake2", repo], env)
+            run(["borg", "create", f"{repo}::a1", src], env)
+        cases.append(("borg-export-tar", lambda repo=repo, env=env: run(
+            ["sh", "-c", f"rm -f {out}/borg.tar && exec borg export-tar {repo}::a1 {out}/borg.tar"], env)))
     if "tar" in tools:
-        emit("tar-cf", run(["tar", "cf", f"{out}/plain.tar", "-C", data, "src"]))
-    print(f"{'tool':18} {'MB/s':>8} {'s':>8} {'RSS MiB':>8}  goal", file=sys.stderr)
+        cases.append(("tar-cf", lambda: run(["tar", "cf", f"{out}/plain.tar", "-C", data, "src"])))
+
+    os.makedirs(out, exist_ok=True)
+    for rep in range(a.repeat):
+        for tool, once in cases:
+            r = once()  # type: ignore[operator]
+            runs.setdefault(tool, []).append(r)
+            print(json.dumps({"tool": tool, "rep": rep + 1, "seconds": round(r["wall"], 3),
+                              "MB_per_s": round(size / r["wall"] / 1e6, 1), "cpu_s": round(r["cpu"], 2),
+                              "rss_MiB": round(r["rss_mib"], 1)}), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+    med = {t: statistics.median(x["wall"] for x in rs) for t, rs in runs.items()}
+    results = []
+    for tool, rs in runs.items():
+        rate = size / med[tool]
+        rss = max(x["rss_mib"] for x in rs)
+        goal = GOALS.get(tool)
+        rec = {"tool": tool, "bytes": size, "runs": len(rs), "median_s": round(med[tool], 3),
+               "MB_per_s": round(rate / 1e6, 1), "cpu_s": round(statistics.median(x["cpu"] for x in rs), 2),
+               "rss_MiB": round(rss, 1),
+               "vs": {p: round(med[p] / med[tool], 2) for p in PEERS if p in med and p != tool},
+               "goal_met": None if goal is None else bool(rate >= goal and rss <= 300)}
+        results.append(rec)
+        print(json.dumps({"summary": True, **rec}), flush=True)
+    print(f"dataset {src}: {size / 1e6:.0f} MB; medians of {a.repeat} round-robin runs", file=sys.stderr)
+    print(f"{'tool':16} {'MB/s':>7} {'s':>8} {'cpu s':>7} {'RSS MiB':>8}  {'x restic':>8} {'x borg':>7} "
+          f"{'x tar':>6}  goal", file=sys.stderr)
     for r in results:
         goal = {None: "", True: "met", False: "MISSED"}[r["goal_met"]]
-        print(f"{r['tool']:18} {r['MB_per_s']:>8} {r['seconds']:>8} {r['rss_MiB']:>8}  {goal}", file=sys.stderr)
+        vs = [str(r["vs"].get(p, "")) for p in PEERS]
+        print(f"{r['tool']:16} {r['MB_per_s']:>7} {r['median_s']:>8} {r['cpu_s']:>7} {r['rss_MiB']:>8}  "
+              f"{vs[0]:>8} {vs[1]:>7} {vs[2]:>6}  {goal}", file=sys.stderr)
 
 
 if __name__ == "__main__":
