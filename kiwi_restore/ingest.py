@@ -15,6 +15,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,14 @@ from .tree import (
 
 READ_BLOCK = 8 << 20
 INFLIGHT_BYTES = 64 << 20
+BATCH_BYTES = 1 << 20  # new chunks handed to a compression worker per task
+BATCH_CHUNKS = 64
+READERS = 4  # threads that stat, read (small files), hash and list xattrs ahead of the walk
+PROBE_GROUP = 16  # directory entries per reader task
+PROBE_WINDOW = 8  # reader tasks ahead per directory
+PROBE_AHEAD_MAX = 64  # reader tasks ahead in all open directories (deep trees)
+HASH_AHEAD = 16  # chunks of a big file hashed by the reader threads ahead of the walker
+READAHEAD = 32 << 20  # big files: asked of the kernel ahead of the chunker
 
 
 @dataclass
@@ -99,6 +108,26 @@ def _xattrs(path: bytes, follow: bool = False) -> dict[bytes, bytes]:
     return out
 
 
+def _xattrs_fd(fd: int) -> dict[bytes, bytes]:
+    """_xattrs of an open regular file."""
+    try:
+        names = os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    if not names:
+        return {}
+    out = {}
+    for name in sorted(names):
+        try:
+            out[os.fsencode(name)] = os.getxattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+    return out
+
+
 def _data_segments(fd: int, size: int, st: os.stat_result) -> list[tuple[int, int]]:
     """(start, end) of the regions holding data; holes in between are not read."""
     if size == 0:
@@ -127,14 +156,34 @@ class _Segment:
 
     def __init__(self, fd: int, start: int, end: int) -> None:
         self.fd, self.pos, self.end = fd, start, end
+        # big regions: ask the kernel to read ahead, so the disk overlaps chunking and hashing
+        self.ahead = start if end - start > READAHEAD else end
 
     def readinto(self, buf: memoryview) -> int:
         n = min(len(buf), self.end - self.pos)
         if n <= 0:
             return 0
+        if self.pos + READAHEAD // 2 >= self.ahead < self.end:
+            length = min(READAHEAD, self.end - self.ahead)
+            try:
+                os.posix_fadvise(self.fd, self.ahead, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            self.ahead += length
         got = os.preadv(self.fd, [buf[:n]], self.pos)
         self.pos += got
         return got
+
+
+class _Probe:
+    __slots__ = ("st", "data", "cid", "xattrs", "error")
+
+    def __init__(self) -> None:
+        self.st: os.stat_result | None = None
+        self.data: bytes | None = None  # a small file's content, read by the reader thread
+        self.cid: bytes | None = None
+        self.xattrs: dict[bytes, bytes] | None = None
+        self.error: OSError | None = None
 
 
 class Ingest:
@@ -152,11 +201,19 @@ class Ingest:
         self.known = self.index.known_ids()
         self.new_entries: list[BlobLocation] = []
         self._entries_lock = threading.Lock()
-        self.data_packs = PackWriter(repo, self._pack_done)
+        # one data pack writer per compression worker: no lock between them, and one
+        # worker's pack upload (fsync) does not hold up the others
+        self._data_writers: list[PackWriter] = []
+        self._local = threading.local()
         self.tree_packs = PackWriter(repo, self._pack_done)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiwi-ingest")
+        self.readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="kiwi-read")
         self._inflight = threading.BoundedSemaphore(INFLIGHT_BYTES // (1 << 20))
-        self._futures: list[Future] = []
+        self._futures: deque[Future] = deque()
+        self._batch: list[tuple[bytes, bytes]] = []
+        self._batch_bytes = 0
+        self._probes_ahead = 0
+        self._open_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NOATIME if os.geteuid() == 0 else 0)
         self._hardlinks: dict[tuple[int, int], tuple[int, list[tuple[bytes | None, int]]]] = {}
         self._parent_cache: dict[bytes, list[Node]] = {}
 
@@ -166,37 +223,52 @@ class Ingest:
 
     # -- blobs -----------------------------------------------------------------
     def _store_chunk(self, data: bytes) -> bytes:
-        cid = self.repo.keys.blob_id(data)
+        return self._add_chunk(self.repo.keys.blob_id(data), data)
+
+    def _add_chunk(self, cid: bytes, data: bytes) -> bytes:
+        """Queue a chunk with id CID for compression and packing unless the repository has it."""
         if cid in self.known:
             return cid
         self.known.add(cid)
         self.stats.new_chunks += 1
         self.stats.new_chunk_bytes += len(data)
-        units = max(1, len(data) >> 20)
-        units = min(units, INFLIGHT_BYTES >> 20)
-        for _unit in range(units):
-            self._inflight.acquire()
-
-        def work() -> None:
-            try:
-                self.data_packs.add(cid, KIND_CHUNK, compression.compress(data), len(data))
-            finally:
-                for _unit in range(units):
-                    self._inflight.release()
-
-        self._futures.append(self.pool.submit(work))
-        if len(self._futures) > 256:
-            self._reap()
+        self._batch.append((cid, data))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_CHUNKS:
+            self._flush_batch()
         return cid
 
-    def _reap(self) -> None:
-        keep = []
-        for f in self._futures:
-            if f.done():
-                f.result()  # re-raise a worker's failure
-            else:
-                keep.append(f)
-        self._futures = keep
+    def _flush_batch(self) -> None:
+        if not self._batch:
+            return
+        batch, nbytes = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        units = min(max(1, nbytes >> 20), INFLIGHT_BYTES >> 20)
+        for _unit in range(units):
+            self._inflight.acquire()
+        try:
+            fut = self.pool.submit(self._pack_batch, batch, units)
+        except BaseException:
+            for _unit in range(units):
+                self._inflight.release()
+            raise
+        self._futures.append(fut)
+        while self._futures and self._futures[0].done():
+            self._futures.popleft().result()  # re-raise a worker's failure
+
+    def _pack_batch(self, batch: list[tuple[bytes, bytes]], units: int) -> None:
+        try:
+            packs = getattr(self._local, "packs", None)
+            if packs is None:
+                packs = self._local.packs = PackWriter(self.repo, self._pack_done)
+                with self._entries_lock:
+                    self._data_writers.append(packs)
+            compress = compression.compress
+            for cid, data in batch:
+                packs.add(cid, KIND_CHUNK, compress(data), len(data))
+        finally:
+            for _unit in range(units):
+                self._inflight.release()
 
     def _store_tree(self, nodes: list[Node]) -> bytes:
         data = encode_tree(nodes)
@@ -209,8 +281,7 @@ class Ingest:
 
     # -- files -----------------------------------------------------------------
     def _file_chunks(self, path: bytes, st: os.stat_result) -> list[tuple[bytes | None, int]]:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
-                     if os.geteuid() == 0 else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, self._open_flags)
         try:
             size = os.fstat(fd).st_size
             chunks: list[tuple[bytes | None, int]] = []
@@ -221,13 +292,22 @@ class Ingest:
                 size = len(data)
             else:
                 pos = 0
+                blob_id = self.repo.keys.blob_id
+                hashing: deque[tuple[Future, bytes]] = deque()  # ids computed by the reader threads
                 for start, end in _data_segments(fd, size, st):
                     if start > pos:
                         chunks.append((None, start - pos))
                     for ch in self.chunker.cut_stream(_Segment(fd, start, end)):
-                        chunks.append((self._store_chunk(bytes(ch.data)), ch.length))
+                        data = bytes(ch.data)
+                        hashing.append((self.readers.submit(blob_id, data), data))
+                        if len(hashing) > HASH_AHEAD:
+                            fut, old = hashing.popleft()
+                            chunks.append((self._add_chunk(fut.result(), old), len(old)))
                         if self.progress:
                             self.progress(0, ch.length)
+                    while hashing:
+                        fut, old = hashing.popleft()
+                        chunks.append((self._add_chunk(fut.result(), old), len(old)))
                     pos = end
                 if pos < size:
                     chunks.append((None, size - pos))
@@ -244,7 +324,9 @@ class Ingest:
         except Exception:
             return []  # a damaged parent only costs re-reading the files
 
-    def _node(self, path: bytes, name: bytes, st: os.stat_result, parent_nodes: list[Node]) -> Node | None:
+    def _node(self, path: bytes, name: bytes, st: os.stat_result, parent_nodes: list[Node],
+              probed: _Probe | None = None) -> Node | None:
+        """The node of PATH; PROBED holds what a reader thread found (xattrs, a small file's data)."""
         mode = st.st_mode
         node = Node(name=name, type=TYPE_FILE, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
                     user=_user(st.st_uid), group=_group(st.st_gid), mtime=st.st_mtime_ns,
@@ -270,6 +352,11 @@ class Ingest:
                     self.stats.unchanged_files += 1
                     if self.progress:
                         self.progress(0, st.st_size)
+                elif probed is not None and probed.data is not None:
+                    data = probed.data
+                    node.chunks = [(self._add_chunk(probed.cid, data), len(data))] if data else []
+                    if self.progress:
+                        self.progress(0, len(data))
                 else:
                     node.chunks = self._file_chunks(path, st)
                 node.size = sum(s for _, s in node.chunks)
@@ -300,7 +387,7 @@ class Ingest:
             self.stats.other += 1
         else:
             return None
-        node.xattrs = _xattrs(path)
+        node.xattrs = probed.xattrs if probed is not None else _xattrs(path)
         return node
 
     def _walk_dir(self, path: bytes, parent_tree: bytes | None) -> bytes:
@@ -308,21 +395,70 @@ class Ingest:
         nodes: list[Node] = []
         try:
             with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                names = sorted(e.name for e in it)
         except OSError as exc:
             self._warn(path, exc)
-            entries = []
-        for entry in entries:
-            child = os.path.join(path, entry.name)
-            try:
-                st = entry.stat(follow_symlinks=False)
-                node = self._node(child, entry.name, st, parent_nodes)
-            except OSError as exc:
-                self._warn(child, exc)
-                continue
-            if node is not None:
-                nodes.append(node)
+            names = []
+        # Reader threads lstat the entries, list their xattrs and read (and hash) the small
+        # files that changed, a few groups ahead of this loop, which keeps the stored order.
+        groups = [names[i:i + PROBE_GROUP] for i in range(0, len(names), PROBE_GROUP)]
+        ahead: deque[Future] = deque()
+        nxt = 0
+        try:
+            for group in groups:
+                window = PROBE_WINDOW if self._probes_ahead < PROBE_AHEAD_MAX else 1
+                while nxt < len(groups) and len(ahead) < window:
+                    ahead.append(self.readers.submit(self._probe, path, groups[nxt], parent_nodes))
+                    self._probes_ahead += 1
+                    nxt += 1
+                probes = ahead.popleft().result()
+                self._probes_ahead -= 1
+                for name, probed in zip(group, probes, strict=True):
+                    child = os.path.join(path, name)
+                    if probed.error is not None:
+                        self._warn(child, probed.error)
+                        continue
+                    try:
+                        node = self._node(child, name, probed.st, parent_nodes, probed)
+                    except OSError as exc:
+                        self._warn(child, exc)
+                        continue
+                    if node is not None:
+                        nodes.append(node)
+        finally:
+            for fut in ahead:
+                fut.cancel()
+            self._probes_ahead -= len(ahead)
         return self._store_tree(nodes)
+
+    def _probe(self, path: bytes, names: list[bytes], parent_nodes: list[Node]) -> list[_Probe]:
+        """(reader thread) lstat, xattrs, and the data and id of small changed files."""
+        out = []
+        for name in names:
+            child = os.path.join(path, name)
+            p = _Probe()
+            try:
+                p.st = st = os.lstat(child)
+                if stat.S_ISREG(st.st_mode) and st.st_size <= self.min_size and st.st_nlink == 1:
+                    old = find_child(parent_nodes, name) if parent_nodes else None
+                    if not (old is not None and old.type == TYPE_FILE and old.size == st.st_size
+                            and old.mtime == st.st_mtime_ns and old.ctime == st.st_ctime_ns):
+                        fd = os.open(child, self._open_flags)
+                        try:
+                            size = os.fstat(fd).st_size
+                            if size <= self.min_size:  # else it grew: the walker chunks it
+                                p.data = os.pread(fd, size, 0) if size else b""
+                                p.xattrs = _xattrs_fd(fd)
+                        finally:
+                            os.close(fd)
+                        if p.data:
+                            p.cid = self.repo.keys.blob_id(p.data)
+                if p.xattrs is None:
+                    p.xattrs = _xattrs(child)
+            except OSError as exc:
+                p.error = exc
+            out.append(p)
+        return out
 
     def _warn(self, path: bytes, exc: OSError) -> None:
         self.stats.errors.append(f"{os.fsdecode(path)}: {exc.strerror}")
@@ -340,14 +476,18 @@ class Ingest:
                                      .format(inner=os.fsdecode(b), outer=os.fsdecode(a)))
         try:
             root = self._build_root(paths, parent.tree if parent else None)
+            self._flush_batch()
             for f in self._futures:
                 f.result()
             self._futures.clear()
         finally:
+            self.readers.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True)
-        self.data_packs.flush()
+        for packs in self._data_writers:
+            packs.flush()
         self.tree_packs.flush()
-        self.stats.stored_bytes = self.data_packs.bytes_written + self.tree_packs.bytes_written
+        self.stats.stored_bytes = (sum(p.bytes_written for p in self._data_writers)
+                                   + self.tree_packs.bytes_written)
         if self.new_entries:
             self.repo.write_index(self.new_entries)
         self.stats.errors = self.stats.errors[:1000]
