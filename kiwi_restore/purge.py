@@ -197,8 +197,7 @@ class PurgeJob:
         if "objects_deleted" not in steps:
             for loc in rec.locations:
                 backend = self.site.backend(loc)
-                for info in list(backend.list(rec.prefix + "/")):
-                    backend.delete(info.key)
+                backend.delete_many([info.key for info in backend.list(rec.prefix + "/")])  # S3: batches
                 if hasattr(backend, "remove_empty_dirs"):
                     backend.remove_empty_dirs(rec.prefix)
             self._step(rec, "objects_deleted")
