@@ -113,6 +113,71 @@ def _pax_time(ns: int) -> str:
     return f"{sec}.{frac:09d}" if frac else str(sec)
 
 
+_NUL = b"\0"
+_PAX_NAME = b"././@PaxHeader".ljust(100, _NUL)
+_NO_DEV = bytes(16)
+
+
+def _octal(n: int, digits: int) -> bytes:
+    return b"%0*o\0" % (digits - 1, n)
+
+
+def _ustar(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typ: bytes, linkname: bytes,
+           uname: bytes, gname: bytes) -> bytes:
+    """One ustar header block, as tarfile's _create_header writes it (pax magic, no devices)."""
+    buf = b"".join((
+        name[:100].ljust(100, _NUL), _octal(mode, 8), _octal(uid, 8), _octal(gid, 8), _octal(size, 12),
+        _octal(mtime, 12), b"        ", typ, linkname[:100].ljust(100, _NUL), tarfile.POSIX_MAGIC,
+        uname[:32].ljust(32, _NUL), gname[:32].ljust(32, _NUL), _NO_DEV, bytes(155 + 12)))
+    return b"%s%06o\0%s" % (buf[:148], sum(buf), buf[155:])
+
+
+def _fast_pax_tobuf(ti: tarfile.TarInfo) -> bytes | None:
+    """TI.tobuf(PAX_FORMAT, "utf-8", "surrogateescape"), byte for byte, for the entries an export
+    writes (a pax header always precedes, as mtime is in it); None for a case left to tarfile
+    (devices, numbers out of ustar range)."""
+    typ = ti.type
+    if typ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        return None
+    name = ti.name
+    if typ == tarfile.DIRTYPE and not name.endswith("/"):
+        name += "/"
+    mode, uid, gid, size, mtime = ti.mode & 0o7777, ti.uid, ti.gid, ti.size, ti.mtime
+    if not (0 <= uid < 8 ** 7 and 0 <= gid < 8 ** 7 and 0 <= size < 8 ** 11 and 0 <= mtime < 8 ** 11):
+        return None
+    pax = dict(ti.pax_headers)
+    fields = []
+    for value, hname, length in ((name, "path", 100), (ti.linkname, "linkpath", 100), (ti.uname, "uname", 32),
+                                 (ti.gname, "gname", 32)):
+        if hname not in pax and (not value.isascii() or len(value) > length):
+            pax[hname] = value
+        fields.append(value.encode("ascii", "replace"))
+    binary = False
+    for value in pax.values():
+        try:
+            value.encode("utf-8", "strict")
+        except UnicodeEncodeError:
+            binary = True
+            break
+    records = [b"21 hdrcharset=BINARY\n"] if binary else []
+    for keyword, value in pax.items():
+        k = keyword.encode("utf-8")
+        v = value.encode("utf-8", "surrogateescape") if binary else value.encode("utf-8")
+        n = len(k) + len(v) + 3
+        p = 0
+        while True:
+            m = n + len(str(p))
+            if m == p:
+                break
+            p = m
+        records.append(b"%d %s=%s\n" % (p, k, v))
+    rec = b"".join(records)
+    head = _ustar(_PAX_NAME, 0, 0, 0, len(rec), 0, tarfile.XHDTYPE, b"", b"", b"")
+    pad = -len(rec) % tarfile.BLOCKSIZE
+    return b"".join((head, rec, bytes(pad),
+                     _ustar(fields[0], mode, uid, gid, size, mtime, typ, fields[1], fields[2], fields[3])))
+
+
 class TarWriter:
     """pax (POSIX.1-2001) members written as the entries come: ns mtimes, owners, xattrs
     (SCHILY.xattr.*, as GNU tar and bsdtar read them), symlinks, hardlinks, fifos, devices.
@@ -160,7 +225,8 @@ class TarWriter:
             self.warnings.append(f"socket skipped: {name!r}")
             return
         ti.pax_headers = pax
-        self._w(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        head = _fast_pax_tobuf(ti)
+        self._w(head if head is not None else ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         if ticket is not None and not data:
             pf.discard(ticket)  # type: ignore[union-attr]
         if data:
