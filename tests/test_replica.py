@@ -300,3 +300,22 @@ def test_single_store_server_stopped_mid_read_is_a_clear_error(tmp_path, home, s
     code, msg = kiwi("restore", "c", "latest", "--target", str(tmp_path / "out2"), ok=False)
     assert code == 8 and "failed after 2 attempts" in msg and "Traceback" not in msg
     assert time.monotonic() - t0 < 30
+
+
+def test_purge_empties_every_s3_location(tmp_path, kiwi, site, ceph_moto, dr_contract, monkeypatch):
+    """The purge job works unchanged on a replicated S3 contract: both datacenters emptied."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "dossier.txt").write_text("x" * 5000)
+    monkeypatch.setenv("KIWI_RESTORE_CLOCK", "2026-09-01T10:00")
+    kiwi("backup", dr_contract, "-m", "pc1", str(src))
+    assert ceph_moto.objects("primary") and ceph_moto.objects("replica")
+    kiwi("contract", "terminate", dr_contract, "--letter-received", "2026-09-01")
+    monkeypatch.setenv("KIWI_RESTORE_CLOCK", "2027-03-02T12:00")
+    _, out = kiwi("purge", "--due")
+    assert "purged" in out
+    assert ceph_moto.objects("primary") == {} and ceph_moto.objects("replica") == {}
+    (cert,) = Path(site.home, "certificates").glob("KR-DEL-*[0-9A-Z].json")
+    doc = json.loads(cert.read_text())["document"]
+    assert {loc["name"]: loc["verified_empty"] for loc in doc["locations"]} == {"primary": True, "replica": True}
+    assert all(loc["url"].startswith("s3://") and "?" not in loc["url"] for loc in doc["locations"])
