@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..i18n import _
+from ..units import human_bytes
 
 
 class _ExportGroup(click.Group):
@@ -50,12 +51,6 @@ def _opts(kw: dict):  # noqa: ANN202
                        known_hosts=kw.pop("known_hosts"))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @click.group("export", cls=_ExportGroup)
@@ -95,8 +90,8 @@ def run(ctx: click.Context, contract: str, fmt: str, which: str, at: str | None,
     rate = res.bytes / res.seconds if res.seconds else 0
     click.echo(_("exported {snaps} snapshots ({files} files, {size}) of {contract} as {fmt} to {dest} in {secs:.1f} s "
                  "({rate}/s); {sent} objects sent, {skipped} already there").format(
-        snaps=res.snapshots, files=res.files, size=_human(res.bytes), contract=contract, fmt=res.format,
-        dest=res.destination, secs=res.seconds, rate=_human(rate), sent=res.sent, skipped=res.skipped))
+        snaps=res.snapshots, files=res.files, size=human_bytes(res.bytes), contract=contract, fmt=res.format,
+        dest=res.destination, secs=res.seconds, rate=human_bytes(rate), sent=res.sent, skipped=res.skipped))
     click.echo(_("verification: {n} objects re-read, all identical").format(n=res.verification.checked)
                if not no_verify else _("verification skipped"))
     click.echo(_("signed report: {path}").format(path=res.report_path))
@@ -120,7 +115,7 @@ def verify_cmd(ctx: click.Context, **kw) -> None:
             for k in keys:
                 click.echo(f"{label}: {k}")
         click.echo(_("{n} objects re-read ({size}) for report {id}: {result}").format(
-            n=res.checked, size=_human(res.bytes), id=doc["id"],
+            n=res.checked, size=human_bytes(res.bytes), id=doc["id"],
             result=_("all identical") if res.ok else _("VERIFICATION FAILED")))
     if not res.ok:
         sys.exit(5)

@@ -15,6 +15,7 @@ import os
 from ..keystore import public_key_pem
 from ..signing import canonical_json, sign, write_signed
 from ..site import Site
+from ..units import human_bytes
 from .plan import REPORT_STEM
 from .verify import VerifyResult
 
@@ -45,12 +46,6 @@ def report_document(*, job: str, rec, fmt: str, snaps: list, selection: dict, co
     }
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def render(doc: dict, lang: str) -> str:
@@ -67,7 +62,7 @@ def render(doc: dict, lang: str) -> str:
         ("Machines", ", ".join(doc["scope"]["machines"])),
         ("Instantanés" if fr else "Snapshots", str(len(doc["scope"]["snapshots"]))),
         ("Fichiers" if fr else "Files", str(n["files"])),
-        ("Volume" if fr else "Size", f"{_size(n['bytes'])} ({n['bytes']} {'octets' if fr else 'bytes'})"),
+        ("Volume" if fr else "Size", f"{human_bytes(n['bytes'])} ({n['bytes']} {'octets' if fr else 'bytes'})"),
         ("Objets écrits" if fr else "Objects written", str(n["objects"])),
         ("Début" if fr else "Started", doc["started"]),
         ("Fin" if fr else "Finished", doc["finished"]),

@@ -18,6 +18,7 @@ from .keystore import public_key_pem
 from .site import OFFERS, Site, default_home, passphrase_source
 from .snapshot import parse_time
 from .tree import TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, TYPE_TO_IFMT
+from .units import human_bytes
 
 
 class Ctx:
@@ -33,12 +34,6 @@ def _json(obj) -> None:
     click.echo(json.dumps(obj, indent=1, ensure_ascii=False))
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -312,8 +307,8 @@ def backup_cmd(c: Ctx, contract: str, paths: tuple[str, ...], machine: str, tags
         _json({"snapshot": snap.hex, "time": snap.iso(), "stats": stats.to_dict()})
         return
     click.echo(_("snapshot {id} saved: {files} files, {size}, {new} new in the store ({unchanged} files unchanged)")
-               .format(id=snap.short, files=stats.files, size=_human(stats.bytes),
-                       new=_human(stats.stored_bytes), unchanged=stats.unchanged_files))
+               .format(id=snap.short, files=stats.files, size=human_bytes(stats.bytes),
+                       new=human_bytes(stats.stored_bytes), unchanged=stats.unchanged_files))
 
 
 # -- read side ---------------------------------------------------------------------
@@ -332,7 +327,7 @@ def snapshots(c: Ctx, contract: str, machine: str | None, as_json: bool) -> None
     click.echo(f"{'ID':10} {'TIME (UTC)':20} {'MACHINE':16} {'FILES':>8} {'SIZE':>10}  PATHS")
     for s in snaps:
         click.echo(f"{s.short:10} {s.datetime.strftime('%Y-%m-%d %H:%M:%S'):20} {s.machine:16} "
-                   f"{s.stats.get('files', 0):>8} {_human(s.stats.get('bytes', 0)):>10}  "
+                   f"{s.stats.get('files', 0):>8} {human_bytes(s.stats.get('bytes', 0)):>10}  "
                    f"{', '.join(os.fsdecode(p) for p in s.paths)}")
     click.echo(_("{n} snapshots").format(n=len(snaps)))
 
@@ -425,7 +420,7 @@ def restore_cmd(c: Ctx, contract: str, snapshot: str | None, path: str | None, t
                "warnings": stats.warnings})
         return
     click.echo(_("restored {files} files ({size}) from snapshot {id} into {target}")
-               .format(files=stats.files, size=_human(stats.bytes), id=snap.short, target=target))
+               .format(files=stats.files, size=human_bytes(stats.bytes), id=snap.short, target=target))
 
 
 @cli.command("check")
