@@ -4,12 +4,9 @@ check work unchanged, and the restored tree is identical (rsync -naHAXc prints n
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 
 from hypothesis import HealthCheck, given, settings
-from test_roundtrip import build, restored, trees
+from test_roundtrip import random_tree_round_trip, restored, trees
 from test_s3_support import s3_contract, s3_store  # noqa: F401 (fixtures)
 from treegen import make_hostile_tree, rsync_diff
 
@@ -68,11 +65,4 @@ def test_damaged_s3_object_is_detected(tmp_path, kiwi, s3_contract, s3_store):  
                                                                  HealthCheck.too_slow])
 @given(entries=trees())
 def test_random_trees_round_trip_on_s3(kiwi, s3_contract, entries):  # noqa: F811
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp.encode(), b"src")
-        build(src, entries)
-        kiwi("backup", s3_contract, "-m", "pc1", os.fsdecode(src))
-        out = os.path.join(tmp, "out")
-        kiwi("restore", s3_contract, "latest", os.fsdecode(src), "--target", out)
-        assert rsync_diff(os.fsdecode(src), os.path.join(out, "src")) == ""
-        shutil.rmtree(out)
+    random_tree_round_trip(kiwi, s3_contract, entries)
