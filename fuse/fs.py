@@ -154,8 +154,9 @@ class KiwiFS(pyfuse3.Operations):
         self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
         self.chunk_bytes = cache_bytes - cache_bytes // 3
         self._tree_loads: dict[bytes, _TreeLoad] = {}
-        self._horizon: dict[int, int] = {}
+        self._horizon: dict[int, tuple[int, int]] = {}  # dir slot -> files prefetched [start, end)
         self._dir_paths: dict[int, bytes] = {}
+        self._listed: set[int] = set()  # directory slots listed (readdirplus) at least once
         self._recent: dict[int, DirTable] = {}  # slot -> table of the last directories used  # dir slot -> index up to which files were prefetched
         self._audited: set[int] = set()
         self._alerted: set[bytes] = set()
@@ -457,6 +458,7 @@ class KiwiFS(pyfuse3.Operations):
         if h.table is None:
             h.table = await self._table(slot)
             self._prefetch_trees(h.table)
+            self._listed.add(slot)  # the kernel now knows these entries' inodes
         t = h.table
         if start_id == 0 and not reply(token, b".", await self.getattr(h.ino), 1):
             return
@@ -506,23 +508,37 @@ class KiwiFS(pyfuse3.Operations):
 
     def _prefetch_siblings(self, slot: int, index: int, t: DirTable) -> None:
         """Fetch this small file and the small files after it in the directory, grouped by
-        pack: tar, cp and rsync read a directory's files in its order."""
-        horizon = self._horizon.get(slot, 0)
-        if index < horizon - SIBLING_FILES // 2:
-            return
+        pack: tar, cp and rsync read a directory's files in its order. When the kernel
+        knows them (the directory was listed), their data goes into its page cache."""
+        start, horizon = self._horizon.get(slot, (0, 0))
+        if start <= index < horizon - SIBLING_FILES // 2:
+            return  # well inside what was fetched last time
+        if not start <= index < horizon:
+            horizon = index  # another pass, or a jump: start over from here
         want: list[tuple[bytes, int]] = []
+        pushes: list[tuple[int, int, bytes]] = []
+        listed = slot in self._listed
+        first = self.inodes.first_child(slot, len(t))
+        snap = self.inodes.snap(slot)
         total = 0
         j = max(index, horizon)
         end = min(len(t), j + SIBLING_FILES)
         while j < end and total < SIBLING_BYTES:
             if t.is_file(j) and t.size[j] <= SMALL_FILE:
+                ino = first + j
+                if t.hardlink[j]:
+                    ino = self.inodes.hardlink(snap, t.hardlink[j], ino)
+                off = 0
                 for cid, size in t.chunks(j):
                     if cid is not None:
                         want.append((cid, size))
+                        if listed:
+                            pushes.append((ino, off, cid))
                         total += size
+                    off += size
             j += 1
-        self._horizon[slot] = j
-        self.chunks.prefetch(self.nursery, want)
+        self._horizon[slot] = (index, j)
+        self.chunks.prefetch(self.nursery, want, pushes)
 
     def _readahead(self, h: FileHandle, pos: int) -> None:
         """Prefetch the chunks of a sequentially read file up to its window past POS."""
@@ -540,6 +556,8 @@ class KiwiFS(pyfuse3.Operations):
                 want.append(chunks[j])
             j += 1
         h.ra_index = j
+        # no page cache push here: chunk edges rarely fall on page boundaries, so the
+        # kernel would still ask for those pages; large READs cost little per byte anyway
         self.chunks.prefetch(self.nursery, want)
 
     async def _chunk(self, h: FileHandle, cid: bytes, size: int) -> bytes:
@@ -677,7 +695,7 @@ class KiwiFS(pyfuse3.Operations):
         return {"opens": self.opens, "reads": self.reads, "bytes_read": self.bytes_read, "errors": self.errors,
                 "inodes": self.inodes.allocated,
                 "chunk_hits": st.hits if st else 0, "chunk_misses": st.misses if st else 0,
-                "chunks_prefetched": st.prefetched if st else 0}
+                "chunks_prefetched": st.prefetched if st else 0, "pushed_bytes": st.pushed if st else 0}
 
 
 def _offsets(chunks: list[tuple[bytes | None, int]]) -> list[int]:
