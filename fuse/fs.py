@@ -158,7 +158,7 @@ class KiwiFS(pyfuse3.Operations):
         self._dir_paths: dict[int, bytes] = {}
         self._listed: set[int] = set()  # directory slots listed (readdirplus) at least once
         self._recent: dict[int, DirTable] = {}  # slot -> table of the last directories used  # dir slot -> index up to which files were prefetched
-        self._audited: set[int] = set()
+        self._audited = bytearray()  # bit per inode: opened (and recorded) in this session
         self._alerted: set[bytes] = set()
         self.opens = 0
         self.bytes_read = 0
@@ -497,8 +497,11 @@ class KiwiFS(pyfuse3.Operations):
         h = FileHandle(inode, size, t.chunks(index), slot, snap)
         fh = self._new_handle(h)
         self.opens += 1
-        if inode not in self._audited:
-            self._audited.add(inode)
+        byte, bit = inode >> 3, 1 << (inode & 7)
+        if byte >= len(self._audited):
+            self._audited.extend(bytes(byte + 1 - len(self._audited) + 4096))
+        if not self._audited[byte] & bit:
+            self._audited[byte] |= bit
             self.audit.opened(self.snaps[snap].hex, await self._path(inode))
         if size <= SMALL_FILE:
             self._prefetch_siblings(slot, index, t)

@@ -404,24 +404,31 @@ def test_latest_and_at_pick_the_right_snapshots(contract: str, tmp_path: Path) -
 # -- integrity --------------------------------------------------------------------------------------
 def test_corrupt_chunk_gives_eio_and_the_mount_survives(contract: str, site: Site, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    src.mkdir()
+    (src / "broken dir").mkdir(parents=True)
     victim = os.urandom(6 << 20)
     (src / "victim.bin").write_bytes(victim)
     (src / "bystander.txt").write_bytes(b"still readable\n" * 1000)
+    (src / "broken dir" / "inside").write_bytes(b"unreachable\n")
     run_cli("backup", contract, str(src), "-m", "pc1", check=True)
     repo = site.open_repository(site.contract(contract))
-    node = lookup(repo, repo.list_snapshots()[0], str(src / "victim.bin"))
+    snap = repo.list_snapshots()[0]
+    node = lookup(repo, snap, str(src / "victim.bin"))
     assert len(node.chunks) >= 3
     k = len(node.chunks) // 2
     bad_id, bad_size = node.chunks[k]
     bad_start = node.offsets()[k]
-    loc = repo.locate(bad_id)
-    pack = Path(site.path("store")) / repo.pack_key(loc.pack_id)
-    with open(pack, "r+b") as f:  # flip one byte inside the sealed chunk
-        f.seek(loc.offset + loc.length // 2)
-        byte = f.read(1)
-        f.seek(loc.offset + loc.length // 2)
-        f.write(bytes([byte[0] ^ 0x55]))
+    bad_tree = lookup(repo, snap, str(src / "broken dir")).subtree
+
+    def flip(blob_id: bytes) -> None:  # one byte inside the sealed blob, in its pack
+        loc = repo.locate(blob_id)
+        with open(Path(site.path("store")) / repo.pack_key(loc.pack_id), "r+b") as f:
+            f.seek(loc.offset + loc.length // 2)
+            byte = f.read(1)
+            f.seek(loc.offset + loc.length // 2)
+            f.write(bytes([byte[0] ^ 0x55]))
+
+    flip(bad_id)
+    flip(bad_tree)
 
     mnt = tmp_path / "mnt"
     pid = mount(mnt)
@@ -440,14 +447,17 @@ def test_corrupt_chunk_gives_eio_and_the_mount_survives(contract: str, site: Sit
             os.close(fd)
         other = mnt / "pc1" / "latest" / str(src).lstrip("/") / "bystander.txt"
         assert other.read_bytes() == b"still readable\n" * 1000
+        with pytest.raises(OSError) as e:  # a directory whose tree is damaged
+            os.listdir(mnt / "pc1" / "latest" / str(src).lstrip("/") / "broken dir")
+        assert e.value.errno == errno.EIO
         assert alive(pid) and mounted(mnt) and os.listdir(mnt) == ["pc1"]
     finally:
         umount(mnt, pid)
     rec = site.contract(contract)
     cipher = site.contract_keys(rec).audit_cipher()
-    alerts = [r for r in site.audit.records() if r["action"] == "alert.integrity"]
-    assert len(alerts) == 1 and alerts[0]["details"]["object"] == bad_id.hex()
-    assert open_fields(cipher, rec.id, alerts[0]["sealed"])["path"] == str(src / "victim.bin")
+    alerts = {r["details"]["object"]: open_fields(cipher, rec.id, r["sealed"])["path"]
+              for r in site.audit.records() if r["action"] == "alert.integrity"}
+    assert alerts == {bad_id.hex(): str(src / "victim.bin"), bad_tree.hex(): str(src / "broken dir")}
     log = Path(site.tmp_dir(), "mounts")
     assert any(bad_id.hex() in p.read_text() and "victim.bin" in p.read_text() for p in log.glob("*.log"))
 
