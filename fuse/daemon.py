@@ -43,6 +43,7 @@ READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024  # per-mount kernel readahead (default 128 KiB): fewer, larger reads
 SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
 ACCESS_CHECK_SECONDS = 60  # how often a live session re-checks the contract's access rules
+# (KIWI_RESTORE_ACCESS_CHECK_SECONDS overrides it, for tests)
 
 
 @dataclass
@@ -314,8 +315,9 @@ async def _main(fs, site: Site, rec: ContractRecord, opts: MountOptions,
     async def watch_access() -> None:
         # the restore window may close, or the client ask for destruction, while mounted:
         # the same check as at mount time then ends the session (Art. 17, 18)
+        interval = float(os.environ.get("KIWI_RESTORE_ACCESS_CHECK_SECONDS") or ACCESS_CHECK_SECONDS)
         while True:
-            await trio.sleep(ACCESS_CHECK_SECONDS)
+            await trio.sleep(interval)
             try:
                 await trio.to_thread.run_sync(service.ensure_access, site, site.contract(rec.name), "mount")
             except PolicyError as exc:

@@ -8,10 +8,12 @@ its LRU, and builds attributes from them without creating objects per entry.
 
 from __future__ import annotations
 
+import operator
 import stat
 import sys
 from array import array
 from bisect import bisect_left
+from itertools import islice
 
 import msgpack
 from pyfuse3 import EntryAttributes
@@ -128,12 +130,14 @@ class DirTable:
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, msgpack.UnpackException) as exc:
             raise IntegrityError(f"{what}: malformed tree ({exc})") from None
         names = t.names
-        for a, b in zip(names, names[1:], strict=False):
-            if not a < b:
-                raise IntegrityError(f"{what}: entries not sorted or duplicated")
-        for n in names:
-            if not n or b"/" in n or b"\0" in n or n in (b".", b".."):
-                raise IntegrityError(f"{what}: unsafe entry name {n!r}")
+        # the same checks as decode_tree, in C-level loops (they run on every entry)
+        if not all(map(operator.lt, names, islice(names, 1, None))):
+            raise IntegrityError(f"{what}: entries not sorted or duplicated")
+        joined = b"/".join(names)
+        if (joined.count(b"/") != max(len(names) - 1, 0) or b"\0" in joined
+                or any(t.find(bad) >= 0 for bad in (b"", b".", b".."))):
+            bad = next(n for n in names if not n or b"/" in n or b"\0" in n or n in (b".", b".."))
+            raise IntegrityError(f"{what}: unsafe entry name {bad!r}")
         t._measure()
         return t
 

@@ -140,7 +140,6 @@ class KiwiFS(pyfuse3.Operations):
         self.snaps = layout.snapshots
         self.audit = audit
         self.cache_bytes = cache_bytes
-        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, cache_bytes // 6))
         self.uid, self.gid = os.getuid(), os.getgid()
         self.synth: dict[int, Synth] = {}
         self._build_synthetic()
@@ -153,11 +152,13 @@ class KiwiFS(pyfuse3.Operations):
         # directory tables get a third of the cache budget, decrypted chunks the rest
         self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
         self.chunk_bytes = cache_bytes - cache_bytes // 3
+        # a sequential reader's prefetch window: what a few readers at once can hold in cache
+        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, self.chunk_bytes // 4))
         self._tree_loads: dict[bytes, _TreeLoad] = {}
         self._horizon: dict[int, tuple[int, int]] = {}  # dir slot -> files prefetched [start, end)
         self._dir_paths: dict[int, bytes] = {}
         self._listed: set[int] = set()  # directory slots listed (readdirplus) at least once
-        self._recent: dict[int, DirTable] = {}  # slot -> table of the last directories used  # dir slot -> index up to which files were prefetched
+        self._recent: dict[int, DirTable] = {}  # slot -> table of the last directories used
         self._audited = bytearray()  # bit per inode: opened (and recorded) in this session
         self._alerted: set[bytes] = set()
         self.opens = 0

@@ -556,3 +556,26 @@ def test_refusals_before_mounting(contract: str, site: Site, tmp_path: Path) -> 
     code, lines = refused(contract, str(mnt))
     assert code == 7 and len(lines) == 1 and "restore window" in lines[0]
     assert any(r["action"] == "mount.refused" for r in site.audit.records())
+
+
+def test_session_ends_when_access_ends(contract: str, site: Site, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destruction request while mounted ends the session, as the restore window closing would."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    monkeypatch.setenv("KIWI_RESTORE_ACCESS_CHECK_SECONDS", "0.2")
+    mnt = tmp_path / "mnt"
+    pid = mount(mnt)
+    try:
+        run_cli("contract", "destroy-request", contract, "--yes-destroy", contract, check=True)
+        deadline = time.monotonic() + 20
+        while (mounted(mnt) or alive(pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not mounted(mnt) and not alive(pid)
+    finally:
+        umount(mnt, pid)
+    rec = site.contract(contract)
+    end = [r for r in site.audit.records() if r.get("contract") == rec.id and r["action"] == "mount.end"]
+    assert end[-1]["details"]["reason"] == "access ended"

@@ -58,12 +58,14 @@ def _file(name: bytes, chunks: list, size: int | None = None) -> dict:
     _tree([_file(b"a", []), _file(b"a", [])]),  # duplicated
     _tree([_file(b"a/b", [])]),  # unsafe name
     _tree([_file(b"..", [])]),
+    _tree([_file(b"", [])]),
+    _tree([_file(b"a\0b", [])]),
     _tree([_file(b"a", [[b"\1" * 32, 10]], size=11)]),  # sizes do not add up
     _tree([{**_file(b"a", []), "type": "z"}]),  # unknown type
     _tree([{"name": b"a", "type": "f"}]),  # fields missing
     msgpack.packb({"version": 99, "entries": []}),
     b"\xc1 not msgpack",
-], ids=["unsorted", "duplicate", "slash", "dotdot", "sizes", "type", "missing", "version", "garbage"])
+], ids=["unsorted", "duplicate", "slash", "dotdot", "empty", "nul", "sizes", "type", "missing", "version", "garbage"])
 def test_fast_decoder_refuses_what_the_core_refuses(data: bytes) -> None:
     with pytest.raises(IntegrityError):
         decode_tree(data, "t")
