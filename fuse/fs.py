@@ -17,7 +17,6 @@ import functools
 import logging
 import os
 import stat
-from bisect import bisect_right
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from pyfuse3 import EntryAttributes, FUSEError
 
 from ..crypto import KIND_TREE
 from ..repository import LRU, Repository
+from ..tree import chunk_at
 from .audit import AuditWriter
 from .blobs import ChunkError, ChunkStore
 from .dirs import DirTable
@@ -551,7 +551,7 @@ class KiwiFS(pyfuse3.Operations):
             h.offsets = _offsets(chunks)
         offsets = h.offsets
         target = pos + max(h.window, 1)
-        j = max(h.ra_index, bisect_right(offsets, pos) - 1)
+        j = max(h.ra_index, chunk_at(offsets, pos))
         if j >= len(chunks) or offsets[j] >= target:
             return
         want = []
@@ -603,7 +603,7 @@ class KiwiFS(pyfuse3.Operations):
         h.next_off = end
         if h.window and h.ra_index < len(chunks):
             self._readahead(h, end)
-        i = bisect_right(offsets, off) - 1
+        i = chunk_at(offsets, off)  # binary search
         parts: list[bytes | memoryview] = []
         pos = off
         while pos < end:

@@ -15,8 +15,6 @@ from kiwi_restore.errors import IntegrityError, NotFound, UsageError
 from kiwi_restore.snapshot import Snapshot, parse_time
 from kiwi_restore.tree import TYPE_DIR, Node, decode_tree, encode_tree
 
-pytest.importorskip("pyfuse3")
-
 
 def _all_trees(repo, root: bytes) -> dict[bytes, bytes]:
     out, stack = {}, [root]
