@@ -37,6 +37,19 @@ K restore cabinet-martin --at 2026-09-02T23:59 --machine cabinet \
   "$ROOT/cabinet/Patients/Dupont Jeanne/Courrier 2026-08-28.txt" --target "$ROOT/restored"
 echo; echo "\$ cat $ROOT/restored/Courrier 2026-08-28.txt"
 cat "$ROOT/restored/Courrier 2026-08-28.txt"
+echo; echo "# browse: mount every snapshot read-only and copy a file out, as a client would"
+mkdir -p "$ROOT/mnt"
+if [ -e /dev/fuse ]; then
+  K mount cabinet-martin "$ROOT/mnt"
+  echo; echo "\$ ls $ROOT/mnt $ROOT/mnt/cabinet"; ls "$ROOT/mnt" "$ROOT/mnt/cabinet"
+  SNAP2=$(ls "$ROOT/mnt/cabinet" | grep '^2026-09-02')
+  LETTER="$ROOT/mnt/cabinet/$SNAP2$ROOT/cabinet/Patients/Dupont Jeanne/Courrier 2026-08-28.txt"
+  echo; echo "\$ cp -a \"$LETTER\" $ROOT/copied.txt"; cp -a "$LETTER" "$ROOT/copied.txt"
+  ls -l "$ROOT/copied.txt"
+  K umount "$ROOT/mnt"
+else
+  echo "(no /dev/fuse on this machine: mount skipped)"
+fi
 echo; echo "# reversibility: the whole contract as a BagIt bag for the new provider, then re-verified there"
 K export cabinet-martin --to "$ROOT/new-provider" --progress none
 K export verify --to "$ROOT/new-provider" --progress none
