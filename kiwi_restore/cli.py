@@ -143,8 +143,8 @@ def contract_status(c: Ctx, name: str, as_json: bool) -> None:
     if as_json:
         _json(st.to_json())
         return
-    click.echo(f"{_('contract')}: {st.name} ({st.offer})")
-    click.echo(f"{_('state')}: {st.state}")
+    click.echo(_("contract: {name} ({offer})").format(name=st.name, offer=st.offer))
+    click.echo(_("state: {state}").format(state=st.state))
     for k, v in (st.schedule or {}).items():
         click.echo(f"  {k}: {v}")
     if st.reversibility:
@@ -157,7 +157,7 @@ def contract_status(c: Ctx, name: str, as_json: bool) -> None:
     if st.data_act_flag:
         click.echo(_("flag: the restore window of this offer is shorter than the Data Act's 30-day retrieval "
                      "period (Regulation 2023/2854, Art. 25(2)(g)), where it applies"))
-    click.echo(f"{_('next')}: {st.next_due}")
+    click.echo(_("next: {what}").format(what=st.next_due))
 
 
 @contract.command("reversibility")

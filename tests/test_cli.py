@@ -62,3 +62,21 @@ def test_json_listings(tmp_path, kiwi, contract):
 def test_init_refuses_an_existing_site(home):
     r = run_cli("init")
     assert r.returncode == 1 and b"already exists" in r.stderr
+
+
+def test_every_message_has_a_french_translation():
+    """scripts/update-translations.sh keeps the catalog in step with the code; nothing left behind."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    po = (root / "kiwi_restore/locale/fr/LC_MESSAGES/kiwi_restore.po").read_text()
+    assert "#, fuzzy" not in po.split("\n\n", 1)[1]
+    assert not re.search(r'^msgid "(?!")(.*)"\nmsgstr ""\n\n', po, re.M)
+    sources = sorted(str(p) for d in ("kiwi_restore", "fuse", "exporter") for p in (root / d).rglob("*.py"))
+    pot = subprocess.run(["xgettext", "--language=Python", "--keyword=_", "--from-code=UTF-8", "--no-wrap",
+                          "-o", "-", *sources], capture_output=True, text=True, check=True).stdout
+    in_code = set(re.findall(r'^msgid "(.+)"$', pot, re.M))
+    in_catalog = set(re.findall(r'^msgid "(.+)"$', po, re.M))
+    assert in_code <= in_catalog, f"run scripts/update-translations.sh: {sorted(in_code - in_catalog)[:5]}"
