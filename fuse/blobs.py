@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,13 +24,48 @@ import trio
 
 from ..errors import BackendError, IntegrityError, NotFound
 from ..index import BlobLocation
-from ..repository import LRU, Repository
+from ..repository import Repository
 
 log = logging.getLogger("kiwi_restore.fuse")
 
 MERGE_GAP = 256 << 10  # read through gaps up to this size rather than issue another request
 MAX_SPAN = 16 << 20  # never read more than this in one request
 PREFETCH_JOB = 2 << 20  # plaintext bytes one prefetch job fetches
+
+
+class ChunkCache:
+    """Decrypted chunks, least recently used dropped first, bounded by their total size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # worker threads read it too
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key: bytes, value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._d[key] = value
+            self._bytes += len(value)
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._d.popitem(last=False)[1])
+
+    def discard(self, key: bytes) -> None:
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
 
 
 class ChunkError(Exception):
@@ -60,9 +97,9 @@ class BlobStats:
 
 
 class ChunkStore:
-    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int = 4) -> None:
+    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int = 2) -> None:
         self.repo = repo
-        self.cache = LRU(cache_bytes)
+        self.cache = ChunkCache(cache_bytes)
         self.cache_bytes = cache_bytes
         self.limiter = trio.CapacityLimiter(workers)
         # prefetch has its own, smaller limiter so it never starves reads that are waited on
@@ -100,24 +137,25 @@ class ChunkStore:
         return p.value
 
     def prefetch(self, nursery: trio.Nursery, chunks: Iterable[tuple[bytes, int]],
-                 pushes: Iterable[tuple[int, int, bytes]] = ()) -> int:
+                 pushes: Iterable[tuple[int, int, bytes, bool]] = ()) -> int:
         """Start fetching CHUNKS (id, size) not cached nor in flight; returns how many.
 
-        PUSHES (inode, offset, chunk id) are then written into the kernel's page cache
-        (FUSE notify_store), so the reads that follow need no request at all."""
+        PUSHES (inode, offset, chunk id, whole file) are then written into the kernel's
+        page cache (FUSE notify_store), so the reads that follow need no request at all.
+        A chunk that is a whole file and was pushed leaves this cache: the kernel has it."""
         todo = []
         for cid, size in chunks:
             if cid is not None and self.wanted(cid):
                 self._pending[cid] = _Pending()
                 todo.append((cid, size))
-        where: dict[bytes, list[tuple[int, int]]] = {}
-        ready: list[tuple[int, int, bytes]] = []
-        for ino, off, cid in pushes:
+        where: dict[bytes, list[tuple[int, int, bool]]] = {}
+        ready: list[tuple[int, int, bytes, bytes, bool]] = []
+        for ino, off, cid, whole in pushes:
             data = self.cache.get(cid)
             if data is not None:
-                ready.append((ino, off, data))
+                ready.append((ino, off, cid, data, False))  # cached for a reason: leave it there
             else:
-                where.setdefault(cid, []).append((ino, off))
+                where.setdefault(cid, []).append((ino, off, whole))
         if ready:
             nursery.start_soon(self._push, ready)
         # several modest jobs rather than one big one: they run side by side, and each
@@ -135,7 +173,8 @@ class ChunkStore:
         self.stats.prefetched += len(todo)
         return len(todo)
 
-    async def _prefetch(self, todo: list[tuple[bytes, int]], where: dict[bytes, list[tuple[int, int]]]) -> None:
+    async def _prefetch(self, todo: list[tuple[bytes, int]],
+                        where: dict[bytes, list[tuple[int, int, bool]]]) -> None:
         # a failure here must never reach the nursery (it would end the mount): the
         # waiters get the error, and a later read retries
         results: list[tuple[bytes, bytes | None, Exception | None]] = []
@@ -148,26 +187,39 @@ class ChunkStore:
             self._abandon([cid for cid, _ in todo])
         # pushed only once settled: a push may wait on a page that a READ request holds,
         # and that request may be waiting for one of these very chunks
-        pushes = [(ino, off, data) for cid, data, _ in results if data is not None
-                  for ino, off in where.get(cid, ())]
+        pushes = []
+        for cid, data, _ in results:
+            if data is not None and cid in where:
+                targets = where[cid]
+                whole = all(w for _, _, w in targets)
+                pushes.extend((ino, off, cid, data, whole) for ino, off, _ in targets)
         if pushes:
             await self._push(pushes)
 
-    async def _push(self, pushes: list[tuple[int, int, bytes]]) -> None:
+    async def _push(self, pushes: list[tuple[int, int, bytes, bytes, bool]]) -> None:
         try:
-            await trio.to_thread.run_sync(self._notify_store, pushes, limiter=self.prefetch_limiter)
+            done = await trio.to_thread.run_sync(self._notify_store, pushes, limiter=self.prefetch_limiter)
         except Exception as exc:  # only an optimisation: the kernel will ask instead
             log.debug("page cache push failed: %s", exc)
+            return
+        for cid in done:
+            self.cache.discard(cid)
 
-    def _notify_store(self, pushes: list[tuple[int, int, bytes]]) -> None:
-        for ino, off, data in pushes:
+    def _notify_store(self, pushes: list[tuple[int, int, bytes, bytes, bool]]) -> list[bytes]:
+        """(worker thread) the pushes; returns the ids of whole-file chunks the kernel took."""
+        taken = []
+        for ino, off, cid, data, whole in pushes:
             try:
                 pyfuse3.notify_store(ino, off, data)
-                self.stats.pushed += len(data)
             except OSError as exc:  # the kernel forgot the inode, or cannot take it
                 if exc.errno == errno.ENOSYS:
-                    return
+                    break
                 log.debug("notify_store(%d, %d): %s", ino, off, exc)
+                continue
+            self.stats.pushed += len(data)
+            if whole:
+                taken.append(cid)
+        return taken
 
     def _settle(self, results: list[tuple[bytes, bytes | None, Exception | None]]) -> None:
         for cid, data, err in results:

@@ -153,7 +153,7 @@ class KiwiFS(pyfuse3.Operations):
         self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
         self.chunk_bytes = cache_bytes - cache_bytes // 3
         # a sequential reader's prefetch window: what a few readers at once can hold in cache
-        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, self.chunk_bytes // 4))
+        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, self.chunk_bytes // 8))
         self._tree_loads: dict[bytes, _TreeLoad] = {}
         self._horizon: dict[int, tuple[int, int]] = {}  # dir slot -> files prefetched [start, end)
         self._dir_paths: dict[int, bytes] = {}
@@ -520,7 +520,7 @@ class KiwiFS(pyfuse3.Operations):
         if not start <= index < horizon:
             horizon = index  # another pass, or a jump: start over from here
         want: list[tuple[bytes, int]] = []
-        pushes: list[tuple[int, int, bytes]] = []
+        pushes: list[tuple[int, int, bytes, bool]] = []
         listed = slot in self._listed
         first = self.inodes.first_child(slot, len(t))
         snap = self.inodes.snap(slot)
@@ -533,11 +533,13 @@ class KiwiFS(pyfuse3.Operations):
                 if t.hardlink[j]:
                     ino = self.inodes.hardlink(snap, t.hardlink[j], ino)
                 off = 0
-                for cid, size in t.chunks(j):
+                chunks = t.chunks(j)
+                whole = len(chunks) == 1  # the chunk is the whole file: pushed, it leaves our cache
+                for cid, size in chunks:
                     if cid is not None:
                         want.append((cid, size))
                         if listed:
-                            pushes.append((ino, off, cid))
+                            pushes.append((ino, off, cid, whole))
                         total += size
                     off += size
             j += 1
