@@ -45,6 +45,7 @@ SIBLING_FILES = 128
 DIR_PATHS = 50_000  # directory paths remembered for the audit records
 RECENT_TABLES = 8  # directories whose table is kept at hand (on top of the LRU)
 TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
+TREE_PREFETCH_DEPTH = 1  # ... and so many levels below it (each level multiplies the work)
 MAX_READAHEAD = 16 << 20
 
 
@@ -59,12 +60,13 @@ class TreeError(Exception):
 
 
 class _TreeLoad:
-    __slots__ = ("event", "table", "error")
+    __slots__ = ("event", "table", "error", "claimed")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.table: DirTable | None = None
         self.error: Exception | None = None
+        self.claimed = False  # a thread is reading it (a queued prefetch is not)
 
 
 class Synth:
@@ -169,12 +171,14 @@ class KiwiFS(pyfuse3.Operations):
         self.chunks: ChunkStore | None = None
         self.nursery: trio.Nursery | None = None
         self.tree_limiter: trio.CapacityLimiter | None = None
+        self.tree_prefetch_limiter: trio.CapacityLimiter | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
         """Bind to the running trio loop (limiters and background prefetch tasks)."""
         self.nursery = nursery
         self.chunks = ChunkStore(self.repo, self.chunk_bytes)
         self.tree_limiter = trio.CapacityLimiter(4)
+        self.tree_prefetch_limiter = trio.CapacityLimiter(2)
 
     # -- the synthetic top ---------------------------------------------------------------
     def _build_synthetic(self) -> None:
@@ -242,14 +246,18 @@ class KiwiFS(pyfuse3.Operations):
         t = self.tables.get(tid)
         if t is None:
             load = self._tree_loads.get(tid)
-            if load is None:
-                load = self._tree_loads[tid] = _TreeLoad()
+            if load is None or not load.claimed:
+                # not loading yet, or only queued for prefetch (perhaps behind many others):
+                # a request waits on it now, so it is read now
+                if load is None:
+                    load = self._tree_loads[tid] = _TreeLoad()
+                load.claimed = True
                 try:
                     load.table = await trio.to_thread.run_sync(self._read_table, tid, limiter=self.tree_limiter)
                 except Exception as exc:
                     load.error = exc
                 finally:
-                    del self._tree_loads[tid]
+                    self._tree_loads.pop(tid, None)
                     load.event.set()
             else:
                 await load.event.wait()
@@ -268,8 +276,9 @@ class KiwiFS(pyfuse3.Operations):
         self.tables.put(tid, t)
         return t
 
-    def _prefetch_trees(self, t: DirTable) -> None:
-        """Load the subdirectories' trees ahead of the walk that usually follows a listing."""
+    def _prefetch_trees(self, t: DirTable, depth: int = TREE_PREFETCH_DEPTH) -> None:
+        """Load the subdirectories' trees (and theirs, DEPTH levels down) ahead of the walk
+        that usually follows a listing: find, tar, rsync and cp go depth first."""
         want = []
         for tid in t.subtrees.values():
             if tid not in self._tree_loads and self.tables.get(tid) is None:
@@ -277,13 +286,20 @@ class KiwiFS(pyfuse3.Operations):
                 want.append(tid)
                 if len(want) >= TREE_PREFETCH:
                     break
-        for i in range(0, len(want), 8):
-            self.nursery.start_soon(self._load_trees, want[i:i + 8])
+        for i in range(0, len(want), 4):
+            self.nursery.start_soon(self._load_trees, want[i:i + 4], depth - 1)
 
-    async def _load_trees(self, tids: list[bytes]) -> None:
+    async def _load_trees(self, tids: list[bytes], depth: int) -> None:
+        loads = {tid: self._tree_loads.get(tid) for tid in tids}
+
         def work() -> list[tuple[DirTable | None, Exception | None]]:
             out: list[tuple[DirTable | None, Exception | None]] = []
             for tid in tids:
+                load = loads[tid]
+                if load is None or load.claimed:  # a request took it over meanwhile
+                    out.append((None, None))
+                    continue
+                load.claimed = True
                 try:
                     out.append((self._read_table(tid), None))
                 except Exception as exc:  # the lookup that needs it gets the error
@@ -292,16 +308,23 @@ class KiwiFS(pyfuse3.Operations):
 
         results: list[tuple[DirTable | None, Exception | None]] = []
         try:
-            results = await trio.to_thread.run_sync(work, limiter=self.chunks.prefetch_limiter)
+            results = await trio.to_thread.run_sync(work, limiter=self.tree_prefetch_limiter)
         except Exception as exc:
             log.debug("tree prefetch failed: %s", exc)
         finally:
             for i, tid in enumerate(tids):
-                load = self._tree_loads.pop(tid, None)
-                if load is not None:
-                    if i < len(results):
-                        load.table, load.error = results[i]
-                    load.event.set()
+                load = loads[tid]
+                if load is None or (i < len(results) and results[i] == (None, None)):
+                    continue  # settled by the request that took it over
+                if self._tree_loads.get(tid) is load:
+                    del self._tree_loads[tid]
+                if i < len(results):
+                    load.table, load.error = results[i]
+                load.event.set()
+        if depth > 0:
+            for table, _err in results:
+                if table is not None and table.subtrees:
+                    self._prefetch_trees(table, depth)
 
     async def _locate(self, ino: int) -> tuple[int, int, DirTable]:
         """(directory slot, index, directory table) of an entry inode."""
