@@ -137,12 +137,13 @@ class ChunkStore:
         return p.value
 
     def prefetch(self, nursery: trio.Nursery, chunks: Iterable[tuple[bytes, int]],
-                 pushes: Iterable[tuple[int, int, bytes, bool]] = ()) -> int:
+                 pushes: Iterable[tuple[int, int, bytes, bool]] = (), urgent: bool = False) -> int:
         """Start fetching CHUNKS (id, size) not cached nor in flight; returns how many.
 
         PUSHES (inode, offset, chunk id, whole file) are then written into the kernel's
         page cache (FUSE notify_store), so the reads that follow need no request at all.
-        A chunk that is a whole file and was pushed leaves this cache: the kernel has it."""
+        A chunk that is a whole file and was pushed leaves this cache: the kernel has it.
+        URGENT: a read waits for these, so they go through the readers' limiter."""
         todo = []
         for cid, size in chunks:
             if cid is not None and self.wanted(cid):
@@ -166,20 +167,21 @@ class ChunkStore:
             job.append(item)
             size += item[1]
             if size >= PREFETCH_JOB:
-                nursery.start_soon(self._prefetch, job, where)
+                nursery.start_soon(self._prefetch, job, where, urgent)
                 job, size = [], 0
         if job:
-            nursery.start_soon(self._prefetch, job, where)
+            nursery.start_soon(self._prefetch, job, where, urgent)
         self.stats.prefetched += len(todo)
         return len(todo)
 
     async def _prefetch(self, todo: list[tuple[bytes, int]],
-                        where: dict[bytes, list[tuple[int, int, bool]]]) -> None:
+                        where: dict[bytes, list[tuple[int, int, bool]]], urgent: bool = False) -> None:
         # a failure here must never reach the nursery (it would end the mount): the
         # waiters get the error, and a later read retries
         results: list[tuple[bytes, bytes | None, Exception | None]] = []
         try:
-            results = await trio.to_thread.run_sync(self._load, todo, limiter=self.prefetch_limiter)
+            limiter = self.limiter if urgent else self.prefetch_limiter
+            results = await trio.to_thread.run_sync(self._load, todo, limiter=limiter)
             self._settle(results)
         except Exception as exc:
             self._settle([(cid, None, exc) for cid, _ in todo])

@@ -121,7 +121,10 @@ def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         except FUSEError:
             raise
         except TreeError as exc:
-            await self._tree_failed(exc)
+            try:
+                await self._tree_failed(exc)
+            except Exception:  # reporting must not be what ends the mount
+                log.exception("while reporting %s", exc)
             raise FUSEError(errno.EIO) from None
         except OSError as exc:
             log.error("%s: %s", fn.__name__, exc)
@@ -629,6 +632,11 @@ class KiwiFS(pyfuse3.Operations):
         if h.window and h.ra_index < len(chunks):
             self._readahead(h, end)
         i = chunk_at(offsets, off)  # binary search
+        k = chunk_at(offsets, end - 1) + 1
+        if k - i > 1:  # several chunks: whatever is missing is fetched together, not in turn
+            missing = [c for c in chunks[i:k] if c[0] is not None and self.chunks.wanted(c[0])]
+            if len(missing) > 1:
+                self.chunks.prefetch(self.nursery, missing, urgent=True)
         parts: list[bytes | memoryview] = []
         pos = off
         while pos < end:
