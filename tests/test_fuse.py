@@ -523,6 +523,8 @@ def test_umount_clears_a_mount_whose_process_died(contract: str, tmp_path: Path)
             os.listdir(mnt)
         assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # dead, still mounted
         assert mounted(mnt)
+        p = run_cli("mount", contract, str(mnt))  # nothing is stacked on a dead mount
+        assert p.returncode == 2 and b"already" in p.stderr
     finally:
         umount(mnt, pid)
     assert os.listdir(mnt) == []
