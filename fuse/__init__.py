@@ -5,7 +5,9 @@ Installed as ``kiwi_restore.fuse``. Modules, one responsibility each (like resti
 
     layout   which snapshots are shown and under which names (pure)
     inodes   a compact inode table (no per-entry objects, no hashing)
-    blobs    decrypted-chunk cache, single-flight fetches, pack-grouped prefetch
+    dirs     a directory's entries as flat columns, decoded straight from its tree
+    blobs    decrypted-chunk cache, single-flight fetches, pack-grouped prefetch,
+             pushes into the kernel's page cache
     fs       the pyfuse3 Operations (lookup, readdir, read, xattrs...), all guarded
     audit    the session's audit records, written by a thread in batches
     daemon   the mount session: mount, detach, signals, unmount
