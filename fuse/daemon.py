@@ -110,7 +110,7 @@ def prepare(site: Site, contract: str, opts: MountOptions) -> tuple[ContractReco
     """Everything that can be refused, before any mount: key, contract, window, snapshots."""
     mp = opts.mountpoint
     if mounted(mp) == FSTYPE:  # live or left dead: stacking on it would hide it
-        raise UsageError(_("a kiwi-restore mount is already on {mp} (kiwi-restore umount {mp})").format(mp=mp))
+        raise UsageError(_("{mp} is already a mount point (kiwi-restore umount {mp})").format(mp=mp))
     if not os.path.isdir(mp):
         raise UsageError(_("mount point {mp} is not a directory").format(mp=mp))
     home = os.path.realpath(site.home)
@@ -205,7 +205,7 @@ def _detach(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, o
         return _("{contract} mounted on {mp} (process {pid}); unmount with: kiwi-restore umount {mp}").format(
             contract=rec.name, mp=opts.mountpoint, pid=pid)
     if message.startswith(b"error "):
-        raise KiwiError(_("{err} (log: {log})").format(err=message[6:].decode(errors="replace").strip(), log=log_path))
+        raise KiwiError(message[6:].decode(errors="replace").strip())
     raise KiwiError(_("the mount process ended before the mount answered (log: {log})").format(log=log_path))
 
 
