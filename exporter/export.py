@@ -126,8 +126,12 @@ def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", w
     progress = Progress(total_files, total_bytes, progress_mode)
     try:
         with audited(site, "export", rec, dict(details), sealed, repo) as a:
-            result = asyncio.run(_export(site, rec, plan, dest, journal, resumed, jobs, progress, producers,
-                                         details, verify, in_eu, allow_non_eu, which, at, machines))
+            try:
+                result = asyncio.run(_export(site, rec, plan, dest, journal, resumed, jobs, progress, producers,
+                                             details, verify, in_eu, allow_non_eu, which, at, machines))
+            except _AlreadyComplete as done:
+                result = _completed(site, to, opts, jobs, progress_mode, done.doc, verify, job)
+                a["details"]["already_complete"] = done.doc["id"]
             a["details"].update({"objects": result.objects, "bytes": result.bytes, "sent": result.sent,
                                  "verified": result.verification.ok})
     finally:
@@ -142,12 +146,30 @@ def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", w
     return result
 
 
+class _AlreadyComplete(Exception):
+    def __init__(self, doc: dict) -> None:
+        self.doc = doc
+
+
 class VerificationFailed(IntegrityError):
     def __init__(self, res: VerifyResult) -> None:
         self.result = res
         parts = [f"{k}: {', '.join(v[:5])}{'…' if len(v) > 5 else ''}"
                  for k, v in (("missing", res.missing), ("extra", res.extra), ("changed", res.changed)) if v]
         super().__init__("verification FAILED at the destination: " + "; ".join(parts))
+
+
+def _completed(site: Site, to: str, opts: DestOptions, jobs: int, progress_mode: str, doc: dict, verify: bool,
+               job: str) -> ExportResult:
+    """The same command rerun after its export finished: re-verify (unless --no-verify), send nothing."""
+    import time
+
+    t0 = time.monotonic()
+    ver = verify_export(site, to, opts, jobs, progress_mode)[1] if verify else VerifyResult()
+    local = os.path.join(site.home, "exports", doc["contract"]["id"], f"{doc['id']}-{REPORT_STEM}.json")
+    c = doc["counts"]
+    return ExportResult(job, doc["destination"]["url"], doc["format"], c["snapshots"], c["objects"], c["files"],
+                        c["bytes"], 0, c["objects"], True, ver, local, time.monotonic() - t0)
 
 
 def raise_verify_failure(res: VerifyResult) -> None:
@@ -167,6 +189,12 @@ async def _export(site: Site, rec, plan: Plan, dest: Destination, journal: Journ
     try:
         if not resumed:
             existing = await dest.list()
+            if f"{REPORT_STEM}.json" in existing:
+                raw = b"".join([c async for c in dest.read(f"{REPORT_STEM}.json")])
+                doc = json.loads(raw).get("document", {})
+                if str(doc.get("id", "")).startswith(journal.job + "-"):
+                    # this very export finished earlier (its journal is gone): nothing to send again
+                    raise _AlreadyComplete(doc)
             if existing:
                 raise UsageError(f"the destination {dest.display} is not empty ({len(existing)} objects); "
                                  f"export into an empty place (or re-run the interrupted export's exact command)")

@@ -376,3 +376,19 @@ def test_sftp_export(exported_contract, tmp_path: Path, sftp_server: dict, fmt: 
     check_format(fmt, root, src, tmp_path)
     check_report(root)
     assert run_cli("export", "verify", "--to", to, *opts, "--progress", "none").returncode == 0
+
+
+def test_rerunning_a_finished_export_sends_nothing_and_verifies(exported_contract, tmp_path: Path) -> None:
+    """The same command run again after it completed (or was killed just after) is not an error."""
+    contract, _ = exported_contract
+    dest = tmp_path / "dest"
+    export(contract, "--to", str(dest), "--format", "tar")
+    before = _tree_bytes(dest)
+    r = run_cli("export", contract, "--to", str(dest), "--format", "tar", "--progress", "none", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    assert out["objects_sent"] == 0 and out["verification"]["ok"]
+    assert _tree_bytes(dest) == before
+    # a different export into the same place is still refused
+    r = run_cli("export", contract, "--to", str(dest), "--format", "zip", "--progress", "none")
+    assert r.returncode == 2 and b"not empty" in r.stderr
