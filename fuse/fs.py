@@ -389,8 +389,10 @@ class KiwiFS(pyfuse3.Operations):
     def _report(self, snap_no: int, obj: bytes, error: Exception, path: bytes) -> None:
         self.errors += 1
         snap = self.snaps[snap_no]
-        log.error("EIO: %s in snapshot %s (%s): object %s: %s", os.fsdecode(path), snap.short,
-                  snap.machine, obj.hex(), error)
+        # the path goes only into the audit record, sealed: a daemon's log is a file on local
+        # disk, and file names of health data must not land there in clear
+        log.error("EIO in snapshot %s (%s): object %s: %s (path sealed in the audit trail: "
+                  "kiwi-restore audit show --unseal)", snap.short, snap.machine, obj.hex(), error)
         if obj not in self._alerted:  # one alert per object and session, however often it is read
             self._alerted.add(obj)
             self.audit.integrity(snap.hex, obj.hex(), str(error), path)
