@@ -11,7 +11,7 @@ WITH_TEST=0
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 PKGS="python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev"
-[ $WITH_TEST = 1 ] && PKGS="$PKGS rsync attr gettext libarchive-tools unzip zip openssh-server curl"
+[ $WITH_TEST = 1 ] && PKGS="$PKGS rsync attr gettext libarchive-tools unzip zip openssh-server curl openssl"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
