@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,36 +13,37 @@ from click.testing import CliRunner
 from servers import ceph_s3, moto_s3, s3_server, sftp_server  # noqa: F401 (fixtures)
 
 from kiwi_restore.cli import cli
-from kiwi_restore.site import Site
+from kiwi_restore.fsutil import write_atomic
+from kiwi_restore.site import DEFAULT_CONFIG, Site
 
 PASSPHRASE = "correct horse battery staple"
 # Fast KDF for tests only: the keystore records its parameters, so this changes nothing else.
 TEST_KDF = {"alg": "argon2id", "memory_kib": 8192, "iterations": 1, "lanes": 1}
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h = tmp_path / "home"
-    monkeypatch.setenv("KIWI_RESTORE_HOME", str(h))
-    monkeypatch.setenv("KIWI_RESTORE_PASSPHRASE", PASSPHRASE)
-    monkeypatch.delenv("KIWI_RESTORE_CLOCK", raising=False)
-    monkeypatch.setenv("LANG", "C.UTF-8")
-    monkeypatch.delenv("LANGUAGE", raising=False)
-    monkeypatch.delenv("LC_ALL", raising=False)
-    monkeypatch.delenv("LC_MESSAGES", raising=False)
-    site = Site(str(h), lambda: PASSPHRASE.encode())
-    os.makedirs(h, mode=0o700)
-    import json
-
-    from kiwi_restore.fsutil import write_atomic
-    from kiwi_restore.site import DEFAULT_CONFIG
-
+def make_site(home: Path, mp: pytest.MonkeyPatch) -> Site:
+    """A fresh site at HOME, with the environment a user of it would have (set through MP)."""
+    mp.setenv("KIWI_RESTORE_HOME", str(home))
+    mp.setenv("KIWI_RESTORE_PASSPHRASE", PASSPHRASE)
+    mp.delenv("KIWI_RESTORE_CLOCK", raising=False)
+    mp.setenv("LANG", "C.UTF-8")
+    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES"):
+        mp.delenv(var, raising=False)
+    site = Site(str(home), lambda: PASSPHRASE.encode())
+    os.makedirs(home, mode=0o700)
     cfg = json.loads(json.dumps(DEFAULT_CONFIG))
     site._config = cfg
     site.keystore.initialize(TEST_KDF)
     for sub in ("contracts", "audit", "tmp", "store"):
         os.makedirs(site.path(sub), mode=0o700, exist_ok=True)
     write_atomic(site.config_path, json.dumps(cfg).encode())
+    return site
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    make_site(h, monkeypatch)
     return h
 
 

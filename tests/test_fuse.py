@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, TEST_KDF, run_cli
+from conftest import make_site, run_cli
 
 from kiwi_restore.audit import open_fields
 from kiwi_restore.restore import lookup
@@ -167,23 +167,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("fuse")
     home = base / "home"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KIWI_RESTORE_HOME", str(home))
-        mp.setenv("KIWI_RESTORE_PASSPHRASE", PASSPHRASE)
-        mp.delenv("KIWI_RESTORE_CLOCK", raising=False)
-        mp.setenv("LANG", "C.UTF-8")
-        for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES"):
-            mp.delenv(var, raising=False)
-        site = Site(str(home), lambda: PASSPHRASE.encode())
-        os.makedirs(home, mode=0o700)
-        from kiwi_restore.fsutil import write_atomic
-        from kiwi_restore.site import DEFAULT_CONFIG
-
-        cfg = json.loads(json.dumps(DEFAULT_CONFIG))
-        site._config = cfg
-        site.keystore.initialize(TEST_KDF)
-        for sub in ("contracts", "audit", "tmp", "store"):
-            os.makedirs(site.path(sub), mode=0o700, exist_ok=True)
-        write_atomic(site.config_path, json.dumps(cfg).encode())
+        site = make_site(home, mp)
         for args in (["contract", "create", "acme", "--offer", "sante"], ["machine", "add", "acme", "pc1"]):
             run_cli(*args, check=True)
         src = base / "src"
