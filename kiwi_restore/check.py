@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .crypto import KIND_CHUNK, KIND_NAMES, KIND_TREE
+from .crypto import KIND_NAMES
 from .errors import IntegrityError, KiwiError
 from .index import BlobLocation
 from .repository import Repository
@@ -160,4 +160,3 @@ def check(repo: Repository, read_data: bool = False,
     return rep
 
 
-__all__ = ["check", "CheckReport", "KIND_CHUNK", "KIND_TREE"]

@@ -25,7 +25,7 @@ from pathlib import Path
 from . import __version__, lifecycle
 from .audit import actor
 from .certificate import write_deletion_certificate
-from .errors import AuthError, KiwiError, LockedError
+from .errors import AuthError, LockedError
 from .fsutil import file_lock
 from .i18n import _
 from .site import ContractRecord, Site
@@ -289,5 +289,3 @@ def purge_due(site: Site, dry_run: bool, log: Callable[[str], None] = print) -> 
                                                 "tool": f"kiwi-restore {__version__}"})
     return outcomes
 
-
-__all__ = ["PurgeJob", "purge_due", "purge_temporary", "due_contracts", "STEPS", "KiwiError"]

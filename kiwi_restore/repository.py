@@ -24,7 +24,6 @@ import msgpack
 from . import compression
 from .crypto import (
     ID_SIZE,
-    KIND_CHUNK,
     KIND_CONFIG,
     KIND_INDEX,
     KIND_LOCK,
@@ -41,7 +40,7 @@ from .crypto import (
     preamble,
     seal,
 )
-from .errors import AuthError, BackendError, IntegrityError, LockedError, NotFound, ObjectExists
+from .errors import AuthError, BackendError, IntegrityError, LockedError, NotFound
 from .i18n import _
 from .index import BlobLocation, IndexFile, MasterIndex, encode_index
 from .snapshot import Snapshot
@@ -463,5 +462,3 @@ class WriterLock:
             self.repo.backend.delete(f"{self.repo.prefix}locks/{self.lock_id.hex()}")
             self.lock_id = None
 
-
-__all__ = ["Repository", "PackWriter", "WriterLock", "LRU", "new_id", "KIND_CHUNK", "KIND_TREE", "ObjectExists"]

@@ -85,8 +85,8 @@ def plan(site: Site, name: str, out_dir: str, rate_mb_s: int = 50) -> list[str]:
     for lang in ("fr", "en"):
         t = TITLES[lang]
         lines = [f"# {t[0]} — {rec.name}", ""]
-        lines += [f"- {'Client' if lang == 'en' else 'Client'} : {rec.client or '-'}", f"- Offer / offre : {rec.offer}",
-                  f"- Contract id : {rec.id}", ""]
+        lines += [f"- Client: {rec.client or '-'}", f"- {'Offer' if lang == 'en' else 'Offre'}: {rec.offer}",
+                  f"- {'Contract id' if lang == 'en' else 'Identifiant du contrat'}: {rec.id}", ""]
         lines += [f"## {t[1]}", "", "| machine | snapshots | files | bytes | latest |", "|---|---:|---:|---:|---|"]
         for m, v in sorted(inv["machines"].items()):
             lines.append(f"| {m} | {v['snapshots']} | {v['files']} | {v['bytes']} | {v['latest']['time']} |")
