@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .crypto import KIND_CHUNK
-from .errors import KiwiError, NotFound, UsageError
+from .errors import IntegrityError, KiwiError, NotFound, UsageError
 from .i18n import _
 from .repository import Repository
 from .snapshot import Snapshot
@@ -359,6 +359,9 @@ class Restorer:
             fetched = self._prefetched(chunks)
         for data, size in fetched:
             if data is not None:
+                if len(data) != size:  # the tree and the index disagree: never write a shifted file
+                    raise IntegrityError(f"{os.fsdecode(node.name)}: a chunk of {len(data)} bytes where its "
+                                         f"directory tree records {size}")
                 _pwrite_all(fd, data, pos)
                 end = pos + size
             pos += size

@@ -176,3 +176,43 @@ def test_leftover_temp_files_are_not_objects(backed_up, kiwi, site):
     (data.parent / (data.name + ".tmp-123-456")).write_bytes(os.urandom(100))
     _, out = kiwi("check", "acme")
     assert "no problem" in out
+
+
+def test_a_tree_disagreeing_with_the_index_is_refused(tmp_path, kiwi, contract, site):
+    """A chunk whose size differs from what its tree records is never written (no shifted file)."""
+    from kiwi_restore import compression
+    from kiwi_restore.repository import PackWriter, new_id
+    from kiwi_restore.snapshot import Snapshot
+    from kiwi_restore.tree import encode_tree
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(1000))
+    kiwi("backup", contract, "-m", "pc1", str(src))
+    repo = site.open_repository(site.contract(contract))
+    base = repo.list_snapshots()[-1]
+    with repo.lock():
+        repo.load_index()
+        writer = PackWriter(repo)
+
+        def rewrite(tree_id: bytes) -> bytes:  # the same tree, every file's first chunk said 1 byte longer
+            nodes = repo.load_tree(tree_id)
+            for n in nodes:
+                if n.type == "d":
+                    n.subtree = rewrite(n.subtree)
+                elif n.type == "f" and n.chunks:
+                    n.chunks[0] = (n.chunks[0][0], n.chunks[0][1] + 1)
+                    n.size += 1
+            data = encode_tree(nodes)
+            tid = repo.keys.blob_id(data)
+            writer.add(tid, KIND_TREE, compression.compress(data), len(data))
+            return tid
+
+        root = rewrite(base.tree)
+        writer.flush()
+        repo.write_index(list(repo.index.pending.values()))
+        repo.save_snapshot(Snapshot(new_id(), base.time + 1, "pc1", "h", base.paths, root))
+    out = tmp_path / "o"
+    code, msg = kiwi("restore", contract, "latest", str(src / "f.bin"), "--target", str(out), ok=False)
+    assert code == 5 and "directory tree records 1001" in msg
+    assert list(out.iterdir()) == []
