@@ -273,6 +273,19 @@ class LocalDestination(Destination):
     async def list(self) -> dict[str, int]:
         return await asyncio.to_thread(self._list)
 
+    async def remove_partials(self) -> int:
+        """Delete temporary files a killed run left (only ours: named .kiwi-partial-*)."""
+        return await asyncio.to_thread(self._remove_partials)
+
+    def _remove_partials(self) -> int:
+        removed = 0
+        for dirpath, _dirs, filenames in os.walk(os.fsencode(self.root)):  # never follows symlinks
+            for name in filenames:
+                if name.startswith(b".kiwi-partial-"):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+        return removed
+
     def _list(self) -> dict[str, int]:
         out: dict[str, int] = {}
         root = os.fsencode(self.root)

@@ -394,3 +394,20 @@ def test_rerunning_a_finished_export_sends_nothing_and_verifies(exported_contrac
     # a different export into the same place is still refused
     r = run_cli("export", contract, "--to", str(dest), "--format", "zip", "--progress", "none")
     assert r.returncode == 2 and b"not empty" in r.stderr
+
+
+def test_resume_removes_partial_files_a_kill_left(exported_contract, tmp_path: Path) -> None:
+    contract, _ = exported_contract
+    dest = tmp_path / "dest"
+    p = subprocess.Popen([__import__("sys").executable, "-m", "kiwi_restore.cli", "export", contract, "--to",
+                          str(dest), "--progress", "none", "--jobs", "1"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    while p.poll() is None and not (dest.exists() and any(dest.rglob("*.bin"))):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    stray = next(dest.rglob("*.bin")).parent / ".kiwi-partial-0123456789abcdef"
+    stray.write_bytes(b"half an object")  # what a kill in the middle of a write leaves
+    export(contract, "--to", str(dest))
+    assert not list(dest.rglob(".kiwi-partial-*"))
+    assert run_cli("export", "verify", "--to", str(dest), "--progress", "none").returncode == 0
