@@ -10,8 +10,8 @@ WITH_TEST=0
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-PKGS="python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev"
-[ $WITH_TEST = 1 ] && PKGS="$PKGS rsync attr gettext libarchive-tools unzip zip openssh-server curl openssl"
+PKGS="python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev openssl"
+[ $WITH_TEST = 1 ] && PKGS="$PKGS rsync attr gettext libarchive-tools unzip zip openssh-server curl"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
