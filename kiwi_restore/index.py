@@ -145,5 +145,3 @@ class MasterIndex:
         ids.update(self.pending)
         return ids
 
-    def blob_count(self) -> int:
-        return sum(f.count for f in self.files) + len(self.pending)

@@ -198,7 +198,9 @@ class PurgeJob:
             for loc in rec.locations:
                 backend = self.site.backend(loc)
                 backend.delete_many([info.key for info in backend.list(rec.prefix + "/")])  # S3: batches
-                if hasattr(backend, "remove_empty_dirs"):
+                if hasattr(backend, "list_temporaries"):  # a local store: half-written puts too
+                    for path in list(backend.list_temporaries(rec.prefix)):
+                        os.unlink(path)
                     backend.remove_empty_dirs(rec.prefix)
             self._step(rec, "objects_deleted")
         if "keys_destroyed" not in steps:
@@ -250,7 +252,10 @@ class PurgeJob:
         problems = []
         listed = {}
         for loc in rec.locations:
-            left = list(self.site.backend(loc).list(rec.prefix + "/"))
+            backend = self.site.backend(loc)
+            left = list(backend.list(rec.prefix + "/"))
+            if hasattr(backend, "list_temporaries"):
+                left += list(backend.list_temporaries(rec.prefix))
             listed[loc] = len(left)
             if left:
                 problems.append(f"{len(left)} objects remain in location {loc}")

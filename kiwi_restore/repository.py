@@ -213,9 +213,6 @@ class Repository:
                 self._index_loaded = True
         return self.index
 
-    def index_file_ids(self) -> list[bytes]:
-        return [iid for iid, _ in self._ids("index")]
-
     def write_index(self, entries: list[BlobLocation], supersedes: list[bytes] = ()) -> bytes:
         iid = new_id()
         self._put_object(f"index/{iid.hex()}", KIND_INDEX, iid, encode_index(entries, supersedes))

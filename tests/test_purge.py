@@ -34,6 +34,8 @@ def ended(tmp_path, kiwi, site: Site, monkeypatch):
     kiwi("backup", "clinic", "-m", "pc1", str(src))
     kiwi("contract", "terminate", "clinic", "--letter-received", "2026-09-01")
     (Path(site.tmp_dir()) / f"{site.contract('clinic').id}-restore-staging").write_bytes(b"staging")
+    data = Path(site.path("store"), site.contract("clinic").prefix, "data")
+    (next(data.iterdir()) / ("0" * 64 + ".tmp-123-456")).write_bytes(b"a put a crash interrupted")
     journal = Path(site.tmp_dir()) / "export" / f"{site.contract('clinic').id}-0123abcd"
     journal.mkdir(parents=True)
     (journal / "digests").write_bytes(b"\0" * 100)  # an interrupted export's journal
@@ -63,6 +65,7 @@ def test_purge_after_the_window(ended, kiwi, site, monkeypatch, tmp_path):
     _, out = kiwi("purge", "--due")
     assert "purged; certificate" in out
     assert objects(site, "primary", rec) == [] and objects(site, "replica", rec) == []
+    assert not [p for p in Path(site.path("store"), rec.prefix).rglob("*") if p.is_file()]
     assert site.keystore.contract_key_copies(rec.id) == []
     assert [p.name for p in Path(site.tmp_dir()).rglob("*")] == ["export"]
     for cmd in (["restore", "clinic", "latest", "--target", str(tmp_path / "o")], ["ls", "clinic", "latest"]):

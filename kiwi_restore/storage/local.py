@@ -150,7 +150,7 @@ class LocalBackend(Backend):
                 yield ObjectInfo(os.path.relpath(full, self.root).replace(os.sep, "/"), size)
 
     def list_temporaries(self, prefix: str) -> Iterator[str]:
-        """Leftover temp files of interrupted puts (removed by check --repair and purge)."""
+        """Leftover temp files of puts a crash interrupted: not objects, but the purge removes them."""
         base = os.path.join(self.root, prefix)
         for dirpath, _dirs, filenames in os.walk(base):
             for name in filenames:
