@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..errors import IntegrityError, NotFound, PolicyError, UsageError
+from ..fsutil import syncfs
 from ..service import audited, open_contract
 from ..signing import verify as verify_signature
 from ..site import Site
@@ -205,6 +206,8 @@ async def _export(site: Site, rec, plan: Plan, dest: Destination, journal: Journ
         journal.save()
         progress.phase("export")
         count = await engine.run_all(plan.content())
+        if dest.kind == "local":  # the files before the journal that says they are done
+            await asyncio.to_thread(syncfs, dest.display)
         journal.sync()
 
         def digest(i: int):  # noqa: ANN202
@@ -217,9 +220,9 @@ async def _export(site: Site, rec, plan: Plan, dest: Destination, journal: Journ
         finals = plan.final(count, digest)
         for j, item in enumerate(finals):
             await engine.run_item(count + j, item)
+        if dest.kind == "local":  # durable before it is verified and certified
+            await asyncio.to_thread(syncfs, dest.display)
         journal.sync()
-        if dest.kind == "local":
-            await asyncio.to_thread(os.sync)  # durable before it is verified and certified
         roots = {}
         for j, item in enumerate(finals):
             if item.key in plan.roots:

@@ -3,7 +3,11 @@
 export-tar and plain `tar cf` of the source, on the same dataset (scripts/make_dataset.py).
 
 Each command's wall time and peak RSS (its own and its children's, from wait4) are
-measured; throughput = source bytes / wall time. With --repeat N the tools run round-robin
+measured; throughput = source bytes / wall time. Every tool's time includes flushing its
+output to disk (`sync -f` after the peers; ours calls syncfs before it verifies and signs),
+so all are measured at the same durability. Each run writes into a new directory and the
+outputs are deleted only at the end: ext4 allocates inodes slowly right after 100,000 files
+were deleted (recently_deleted), which would penalise the tree formats, not the tars. With --repeat N the tools run round-robin
 N times (so a neighbour's load hits them alike) and the median is reported, with its ratio
 to restic dump, borg export-tar and tar cf measured in the same run. Output: a table on
 stderr, JSON lines on stdout. Goals: tar >= 220 MB/s, BagIt >= 150 MB/s, RSS <= 300 MiB.
@@ -78,9 +82,10 @@ def main() -> None:
     out = os.path.join(a.work, "out")
     runs: dict[str, list[dict]] = {}
 
+    seq = iter(range(1, 1 << 30))
+
     def fresh(path: str) -> str:
-        shutil.rmtree(path, ignore_errors=True)
-        return path
+        return f"{path}-{next(seq)}"  # never a place just deleted (see above)
 
     cases: list[tuple[str, object]] = []  # (tool, callable running it once)
     if "ours" in tools:
@@ -103,7 +108,8 @@ def main() -> None:
             run(["restic", "-r", repo, "init", "-q"], env)
             run(["restic", "-r", repo, "backup", "-q", src], env)
         cases.append(("restic-dump", lambda repo=repo, env=env: run(
-            ["sh", "-c", f"restic -r {repo} dump -q latest {src} > {out}/restic.tar"], env)))
+            ["sh", "-c", f"restic -r {repo} dump -q latest {src} > {fresh(out + '/restic')}.tar && sync -f {out}"],
+            env)))
     if "borg" in tools and shutil.which("borg"):
         repo = os.path.join(a.work, "borg-repo")
         env = {"BORG_PASSPHRASE": "bench", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
@@ -113,14 +119,20 @@ def main() -> None:
             run(["borg", "init", "-e", "repokey-blake2", repo], env)
             run(["borg", "create", f"{repo}::a1", src], env)
         cases.append(("borg-export-tar", lambda repo=repo, env=env: run(
-            ["sh", "-c", f"rm -f {out}/borg.tar && exec borg export-tar {repo}::a1 {out}/borg.tar"], env)))
+            ["sh", "-c", f"borg export-tar {repo}::a1 {fresh(out + '/borg')}.tar && sync -f {out}"], env)))
     if "tar" in tools:
-        cases.append(("tar-cf", lambda: run(["tar", "cf", f"{out}/plain.tar", "-C", data, "src"])))
+        cases.append(("tar-cf", lambda: run(
+            ["sh", "-c", f"tar cf {fresh(out + '/plain')}.tar -C {data} src && sync -f {out}"])))
 
-    os.makedirs(out, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
     for rep in range(a.repeat):
         for tool, once in cases:
             r = once()  # type: ignore[operator]
+            for name in os.listdir(out):  # single big files go now; the BagIt trees at the end
+                if not name.startswith("ours-bagit"):
+                    p = os.path.join(out, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
             runs.setdefault(tool, []).append(r)
             print(json.dumps({"tool": tool, "rep": rep + 1, "seconds": round(r["wall"], 3),
                               "MB_per_s": round(size / r["wall"] / 1e6, 1), "cpu_s": round(r["cpu"], 2),
