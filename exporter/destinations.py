@@ -100,6 +100,14 @@ class Destination:
     async def list(self) -> dict[str, int]:
         raise NotImplementedError
 
+    async def remove_partials(self) -> int:
+        """Delete the temporary files a killed run left; the count. (S3 has none: an upload in
+        flight is a multipart upload, resumed or aborted from the journal.)"""
+        return 0
+
+
+PARTIAL_PREFIX = ".kiwi-partial-"
+
 
 class UploadState:
     """Resume state of one multipart upload, saved in the journal (S3 only)."""
@@ -130,7 +138,7 @@ def parse_destination(url: str, opts: DestOptions) -> Destination:
 
 # -- local directory ---------------------------------------------------------------------------------
 def _tmp_name(name: str) -> str:
-    return ".kiwi-partial-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return PARTIAL_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 class LocalWriter:
@@ -281,7 +289,7 @@ class LocalDestination(Destination):
         removed = 0
         for dirpath, _dirs, filenames in os.walk(os.fsencode(self.root)):  # never follows symlinks
             for name in filenames:
-                if name.startswith(b".kiwi-partial-"):
+                if name.startswith(PARTIAL_PREFIX.encode()):
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1
         return removed
@@ -555,10 +563,25 @@ class SFTPDestination(Destination):
         d, name = posixpath.split(path)
         await self._mkdirs(d)
         tmp = posixpath.join(d, _tmp_name(name))
-        async with self._sftp.open(tmp, "wb") as f:
-            async for c in chunks:
-                await f.write(c)
-        await self._sftp.posix_rename(tmp, path)
+        try:
+            async with self._sftp.open(tmp, "wb") as f:
+                async for c in chunks:
+                    await f.write(c)
+            await self._sftp.posix_rename(tmp, path)
+        except BaseException:
+            try:  # best effort: a connection that broke cannot remove it (the resume does)
+                await asyncio.shield(self._sftp.remove(tmp))
+            except BaseException:  # noqa: BLE001 (the write's error is the one reported)
+                pass
+            raise
+
+    async def remove_partials(self) -> int:
+        removed = 0
+        for key in await self.list():
+            if posixpath.basename(key).startswith(PARTIAL_PREFIX):
+                await self._sftp.remove(posixpath.join(self.root, key))
+                removed += 1
+        return removed
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
         import asyncssh

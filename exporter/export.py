@@ -200,7 +200,7 @@ async def _export(site: Site, rec, plan: Plan, dest: Destination, journal: Journ
                 raise UsageError(f"the destination {dest.display} is not empty ({len(existing)} objects); "
                                  f"export into an empty place (or re-run the interrupted export's exact command)")
             journal.state = {"snapshots": [s.hex for s in plan.snaps], "started": plan.started, "runs": 0}
-        elif dest.kind == "local":
+        else:
             await dest.remove_partials()  # a killed run's half-written temporaries are not objects
         journal.state["runs"] = journal.state.get("runs", 0) + 1
         journal.save()

@@ -380,6 +380,27 @@ def test_sftp_export(exported_contract, tmp_path: Path, sftp_server: dict, fmt: 
     assert run_cli("export", "verify", "--to", to, *opts, "--progress", "none").returncode == 0
 
 
+def test_sftp_resume_removes_partial_files_a_kill_left(exported_contract, sftp_server: dict) -> None:
+    contract, _ = exported_contract
+    e = sftp_server
+    sub = f"resume-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    to = f"sftp://{e['SFTP_USER']}@{e['SFTP_HOST']}:{e['SFTP_PORT']}{e['SFTP_ROOT']}/{sub}"
+    opts = ["--ssh-key", e["SFTP_KEY"], "--known-hosts", e["SFTP_KNOWN_HOSTS"], "--region", "FR"]
+    root = Path(e["SFTP_ROOT"]) / sub
+    p = subprocess.Popen([__import__("sys").executable, "-m", "kiwi_restore.cli", "export", contract, "--to", to,
+                          *opts, "--progress", "none", "--jobs", "1"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    while p.poll() is None and not (root.exists() and any(root.rglob("*.bin"))):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    stray = next(root.rglob("*.bin")).parent / ".kiwi-partial-0123456789abcdef"
+    stray.write_bytes(b"half an object")  # what a kill in the middle of an upload leaves
+    export(contract, "--to", to, *opts)
+    assert not list(root.rglob(".kiwi-partial-*"))
+    assert run_cli("export", "verify", "--to", to, *opts, "--progress", "none").returncode == 0
+
+
 def test_rerunning_a_finished_export_sends_nothing_and_verifies(exported_contract, tmp_path: Path) -> None:
     """The same command run again after it completed (or was killed just after) is not an error."""
     contract, _ = exported_contract
