@@ -81,6 +81,9 @@ def check_region(dest: Destination, allow_non_eu: bool) -> bool:
     return False
 
 
+EXPORT_TREE_CACHE = 64 << 20  # estimated bytes of decoded trees kept (about 53 MB real at most)
+
+
 def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", which: str = "all",
                     at: str | None = None, machines: list[str] | None = None, jobs: int = 4,
                     opts: DestOptions | None = None, allow_non_eu: bool = False, tar_per_contract: bool = False,
@@ -118,7 +121,13 @@ def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", w
                "in_eu": in_eu, "non_eu_authorised": bool(allow_non_eu and not in_eu), "destination_kind": dest.kind}
     sealed = {"destination": dest.display}
     site.audit.append("export.start", "started", rec.id, details, sealed, repo.keys.audit_cipher())
-    readers = ThreadPoolExecutor(max(4, jobs * 2), thread_name_prefix="kiwi-export-read")
+    # an export walks each snapshot several times (files, sidecar, inventory, names, manifests)
+    repo.tree_cache.max_bytes = EXPORT_TREE_CACHE
+    repo.tree_cache.keep_when_full = True
+    # local reads are short: more threads only contend for the GIL (hashing, decryption and
+    # decompression release it); a remote store needs more requests in flight
+    readers = ThreadPoolExecutor(jobs * 2 if repo.backend.remote else 2,
+                                 thread_name_prefix="kiwi-export-read")
     producers = ThreadPoolExecutor(jobs + 1, thread_name_prefix="kiwi-export-produce")
     plan = Plan(repo, rec, snaps, fmt, started, max_key=dest.max_key, tar_per_contract=tar_per_contract,
                 pool=readers, organization=site.config.get("organization", "kiwi-restore"))

@@ -28,7 +28,7 @@ from ..errors import BackendError, IntegrityError, NotFound
 from ..repository import Repository
 from ..tree import Node
 
-WINDOW = 48 << 20  # decrypted bytes queued, in flight or ready, per Prefetcher
+WINDOW = 32 << 20  # decrypted bytes queued, in flight or ready, per Prefetcher
 BATCH_BYTES = 4 << 20  # one worker call reads about this much
 BATCH_BLOBS = 512
 GAP = 256 << 10  # blobs of one pack closer than this are fetched by one ranged read

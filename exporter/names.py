@@ -36,6 +36,7 @@ def _char_ok(ch: str) -> bool:
 
 # What _char_ok refuses, as one character class: Cc is exactly U+0000-001F and U+007F-009F,
 # Zl is U+2028 and Zp U+2029 alone; Cs (surrogates) never comes out of strict UTF-8 decoding.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # exactly Unicode category Cc
 _UNSAFE_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029%^\ud800-\udfff]")
 
 
@@ -97,8 +98,7 @@ def _shorten(text: str, original: bytes) -> str:
     return cut + tag
 
 
-def encode_path(path: bytes) -> tuple[str, bool]:
-    """A stored path ('/a/b', bytes) to a relative safe key ('a/b'), and whether it changed."""
+def _encode_components(path: bytes) -> tuple[str, bool]:
     changed = False
     out = []
     for p in path.split(b"/"):
@@ -107,6 +107,24 @@ def encode_path(path: bytes) -> tuple[str, bool]:
             out.append(text)
             changed |= c
     return "/".join(out), changed
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _encode_dir(path: bytes) -> tuple[str, bool]:
+    return _encode_components(path)
+
+
+def encode_path(path: bytes) -> tuple[str, bool]:
+    """A stored path ('/a/b', bytes) to a relative safe key ('a/b'), and whether it changed."""
+    parent, _, name = path.rpartition(b"/")
+    if not parent:
+        return _encode_components(path)
+    # walks list a directory's entries together: its encoding is computed once for all of them
+    head, c1 = _encode_dir(parent)
+    if not name:
+        return head, c1
+    text, c2 = encode_component(name)
+    return (f"{head}/{text}" if head else text), c1 or c2
 
 
 def long_key(prefix: str, original: bytes) -> str:
@@ -121,10 +139,10 @@ def check_key(key: str, max_bytes: int = 1024) -> str:
     raw = key.encode("utf-8")
     if len(raw) > max_bytes:
         raise UnsafeKey(f"destination key too long ({len(raw)} bytes)")
+    if _CONTROL.search(key):
+        raise UnsafeKey(f"unsafe destination key {key!r}")
     for part in key.split("/"):
         if part in ("", ".", "..") or len(part.encode()) > MAX_COMPONENT:
-            raise UnsafeKey(f"unsafe destination key {key!r}")
-        if any(unicodedata.category(ch) == "Cc" for ch in part):
             raise UnsafeKey(f"unsafe destination key {key!r}")
     return key
 

@@ -32,6 +32,7 @@ PIPE_DEPTH = 4
 ITEM_RETRY_DELAYS = (1, 3, 8, 20)
 GROUP_BYTES = 2 << 20  # a local writer task takes consecutive files up to this many bytes
 GROUP_FILES = 64  # ... or this many files
+LOCAL_WRITERS = 1
 
 
 class Progress:
@@ -287,6 +288,9 @@ class Engine:
         write whole files, a group of consecutive small files per task: one thread hand-off
         (and GIL transfer) per file cost more than writing a small file itself. No asyncio hop."""
         pf = self.prefetcher()
+        # one writer thread: with more, the threads spend their time handing the GIL to each
+        # other around every system call (measured: 100,000 files, 1 writer 44 s, 4 writers 54 s)
+        writer = ThreadPoolExecutor(LOCAL_WRITERS, thread_name_prefix="kiwi-export-write")
         slots = threading.BoundedSemaphore(max(4, self.jobs * 2))
         failed: list[BaseException] = []
         pending: set[concurrent.futures.Future] = set()
@@ -309,7 +313,7 @@ class Engine:
             if not group:
                 return
             slots.acquire()
-            fut = self.producers.submit(self._write_group, group, pf)
+            fut = writer.submit(self._write_group, group, pf)
             group, group_bytes = [], 0
             with room:
                 pending.add(fut)
@@ -348,6 +352,7 @@ class Engine:
                 pf.flush()
         finally:
             pf.close()
+            writer.shutdown(wait=True)
         if failed:
             raise failed[0]
         return count

@@ -71,12 +71,19 @@ class RepoConfig:
     chunker: dict
 
 
+TREE_MEMORY_FACTOR = 3  # decoded nodes take about 2.5x their tree's stored (sealed) size
+
+
 class LRU:
     """A thread-safe LRU bounded by total size in bytes."""
 
     def __init__(self, max_bytes: int, size_of: Callable[[object], int] = len) -> None:
         self.max_bytes = max_bytes
         self.size_of = size_of
+        # keep_when_full: once full, new entries are not kept (nothing is evicted). For a
+        # reader that walks the same trees again and again, in the same order (an export's
+        # manifests): LRU would evict each tree just before it is needed again.
+        self.keep_when_full = False
         self._d: OrderedDict = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -93,6 +100,8 @@ class LRU:
         if size > self.max_bytes:
             return
         with self._lock:
+            if self.keep_when_full and key not in self._d and self._bytes + size > self.max_bytes:
+                return
             old = self._d.pop(key, None)
             if old is not None:
                 self._bytes -= self.size_of(old)
@@ -277,7 +286,7 @@ class Repository:
             return hit[0]
         data = self.read_blob(tree_id, KIND_TREE)
         nodes = decode_tree(data, f"tree {tree_id.hex()}")
-        self.tree_cache.put(tree_id, (nodes, len(data) * 4))
+        self.tree_cache.put(tree_id, (nodes, len(data) * TREE_MEMORY_FACTOR))
         return nodes
 
     # -- snapshots -------------------------------------------------------------
