@@ -31,6 +31,12 @@ log = logging.getLogger("kiwi_restore.fuse")
 MERGE_GAP = 256 << 10  # read through gaps up to this size rather than issue another request
 MAX_SPAN = 16 << 20  # never read more than this in one request
 PREFETCH_JOB = 2 << 20  # plaintext bytes one prefetch job fetches
+PREFETCHERS = 2  # prefetch jobs running at once
+# A remote store (S3) answers in milliseconds: reading through a 1 MiB gap costs less
+# than another request, and more jobs in flight hide the latency.
+REMOTE_MERGE_GAP = 1 << 20
+REMOTE_PREFETCHERS = 6
+REMOTE_PREFETCH_JOB = 4 << 20
 
 
 class ChunkCache:
@@ -97,13 +103,17 @@ class BlobStats:
 
 
 class ChunkStore:
-    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int = 2) -> None:
+    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int | None = None) -> None:
         self.repo = repo
         self.cache = ChunkCache(cache_bytes)
         self.cache_bytes = cache_bytes
+        remote = repo.backend.remote
+        self.merge_gap = REMOTE_MERGE_GAP if remote else MERGE_GAP
+        self.job_bytes = REMOTE_PREFETCH_JOB if remote else PREFETCH_JOB
         self.limiter = trio.CapacityLimiter(workers)
         # prefetch has its own, smaller limiter so it never starves reads that are waited on
-        self.prefetch_limiter = trio.CapacityLimiter(prefetchers)
+        self.prefetch_limiter = trio.CapacityLimiter(
+            prefetchers or (REMOTE_PREFETCHERS if remote else PREFETCHERS))
         self._pending: dict[bytes, _Pending] = {}
         self.stats = BlobStats()
 
@@ -166,7 +176,7 @@ class ChunkStore:
         for item in todo:
             job.append(item)
             size += item[1]
-            if size >= PREFETCH_JOB:
+            if size >= self.job_bytes:
                 nursery.start_soon(self._prefetch, job, where, urgent)
                 job, size = [], 0
         if job:
@@ -261,7 +271,7 @@ class ChunkStore:
             end = first.offset + first.length
             while j < len(located):
                 loc = located[j][0]
-                if (loc.pack_id != first.pack_id or loc.offset - end > MERGE_GAP
+                if (loc.pack_id != first.pack_id or loc.offset - end > self.merge_gap
                         or loc.offset + loc.length - first.offset > MAX_SPAN):
                     break
                 end = max(end, loc.offset + loc.length)

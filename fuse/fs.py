@@ -42,11 +42,14 @@ NAME_MAX = 255
 SMALL_FILE = 1 << 20  # files up to this size are prefetched with their neighbours
 SIBLING_BYTES = 4 << 20  # how far ahead in a directory small files are prefetched
 SIBLING_FILES = 128
+REMOTE_SIBLING_BYTES = 16 << 20  # ... from a remote store (S3): fewer, larger requests
+REMOTE_SIBLING_FILES = 512
 DIR_PATHS = 50_000  # directory paths remembered for the audit records
 RECENT_TABLES = 8  # directories whose table is kept at hand (on top of the LRU)
 TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
 TREE_PREFETCH_DEPTH = 1  # ... and so many levels below it (each level multiplies the work)
 MAX_READAHEAD = 16 << 20
+REMOTE_MAX_READAHEAD = 48 << 20  # a remote store needs more in flight to hide its latency
 
 
 class TreeError(Exception):
@@ -158,7 +161,11 @@ class KiwiFS(pyfuse3.Operations):
         self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
         self.chunk_bytes = cache_bytes - cache_bytes // 3
         # a sequential reader's prefetch window: what a few readers at once can hold in cache
-        self.max_readahead = max(1 << 20, min(MAX_READAHEAD, self.chunk_bytes // 8))
+        remote = repo.backend.remote
+        self.max_readahead = max(1 << 20, min(REMOTE_MAX_READAHEAD if remote else MAX_READAHEAD,
+                                              self.chunk_bytes // 8))
+        self.sibling_bytes = REMOTE_SIBLING_BYTES if remote else SIBLING_BYTES
+        self.sibling_files = REMOTE_SIBLING_FILES if remote else SIBLING_FILES
         self._tree_loads: dict[bytes, _TreeLoad] = {}
         self._horizon: dict[int, tuple[int, int]] = {}  # dir slot -> files prefetched [start, end)
         self._dir_paths: dict[int, bytes] = {}
@@ -543,7 +550,7 @@ class KiwiFS(pyfuse3.Operations):
         pack: tar, cp and rsync read a directory's files in its order. When the kernel
         knows them (the directory was listed), their data goes into its page cache."""
         start, horizon = self._horizon.get(slot, (0, 0))
-        if start <= index < horizon - SIBLING_FILES // 2:
+        if start <= index < horizon - self.sibling_files // 2:
             return  # well inside what was fetched last time
         if not start <= index < horizon:
             horizon = index  # another pass, or a jump: start over from here
@@ -554,8 +561,8 @@ class KiwiFS(pyfuse3.Operations):
         snap = self.inodes.snap(slot)
         total = 0
         j = max(index, horizon)
-        end = min(len(t), j + SIBLING_FILES)
-        while j < end and total < SIBLING_BYTES:
+        end = min(len(t), j + self.sibling_files)
+        while j < end and total < self.sibling_bytes:
             if t.is_file(j) and t.size[j] <= SMALL_FILE:
                 ino = first + j
                 if t.hardlink[j]:

@@ -1,14 +1,21 @@
 """The foundation's commands on an S3 store (Ceph RGW and moto): backup, snapshots, ls, restore,
-check work unchanged, and the restored tree is identical (rsync -naHAXc prints nothing)."""
+check and mount work unchanged, and the restored or mounted tree is identical to its source
+(rsync -naHAXc prints nothing)."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
 
 from hypothesis import HealthCheck, given, settings
+from test_fuse import mount, snapshot_dirs, umount
 from test_roundtrip import random_tree_round_trip, restored, trees
 from test_s3_support import s3_contract, s3_store  # noqa: F401 (fixtures)
 from treegen import make_hostile_tree, rsync_diff
+
+from kiwi_restore import service
 
 
 def test_hostile_tree_round_trip_on_s3(tmp_path, kiwi, s3_contract, s3_store):  # noqa: F811
@@ -66,3 +73,29 @@ def test_damaged_s3_object_is_detected(tmp_path, kiwi, s3_contract, s3_store):  
 @given(entries=trees())
 def test_random_trees_round_trip_on_s3(kiwi, s3_contract, entries):  # noqa: F811
     random_tree_round_trip(kiwi, s3_contract, entries)
+
+
+def test_mount_on_s3(tmp_path, kiwi, site, s3_contract):  # noqa: F811
+    """The browse view over S3 (remote fetch parameters: merged ranged GETs, more in flight)."""
+    assert service.open_contract(site, s3_contract, "mount")[1].backend.remote
+    src = make_hostile_tree(tmp_path / "src", big=3 << 20)
+    kiwi("backup", s3_contract, "-m", "pc1", str(src))
+    mnt = tmp_path / "mnt"
+    pid = mount(mnt, contract=s3_contract)
+    try:
+        root = mnt / "pc1" / snapshot_dirs(mnt, "pc1")[0] / str(src).lstrip("/")
+        p = subprocess.run(["rsync", "-naHAXc", "--itemize-changes", f"{src}/", f"{root}/"], capture_output=True)
+        assert p.returncode == 0, p.stderr.decode(errors="replace")
+        assert p.stdout == b"", p.stdout.decode(errors="replace")[:3000]
+        want = (src / "big.bin").read_bytes()
+        r = random.Random(5)
+        fd = os.open(root / "big.bin", os.O_RDONLY)
+        try:
+            for _ in range(200):
+                off = r.randrange(len(want))
+                n = r.choice((1, 4096, 70_000, 1 << 20))
+                assert os.pread(fd, n, off) == want[off:off + n]
+        finally:
+            os.close(fd)
+    finally:
+        umount(mnt, pid)

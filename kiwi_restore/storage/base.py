@@ -24,6 +24,9 @@ class Backend(ABC):
     """
 
     url: str
+    # a request costs a network round trip (milliseconds, not microseconds): readers
+    # should keep more requests in flight and merge neighbouring ranges more eagerly
+    remote: bool = False
 
     @abstractmethod
     def get(self, key: str) -> bytes: ...

@@ -39,6 +39,7 @@ class ReplicatedBackend(Backend):
         self.locations = list(locations)
         self.names = [n for n, _ in self.locations]
         self.url = self.locations[0][1].url + "".join(f" (+{n} {b.url})" for n, b in self.locations[1:])
+        self.remote = self.locations[0][1].remote  # reads go to the first healthy location
         self.on_failover = on_failover
         self.failovers: list[dict] = []
         self._reported: set[tuple[str, str]] = set()

@@ -90,6 +90,8 @@ def _md5_b64(data: bytes | memoryview) -> tuple[str, bytes]:
 class S3Backend(Backend):
     """One bucket (and key prefix) on an S3-compatible server. Thread-safe, blocking."""
 
+    remote = True
+
     def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None,
                  region: str | None = None, profile: str | None = None, credentials_file: str | None = None,
                  ca_bundle: str | None = None, max_connections: int = 16, max_attempts: int = 8,
