@@ -342,6 +342,8 @@ class Engine:
                 group_bytes += node.size if node is not None else 0
                 if group_bytes >= GROUP_BYTES or len(group) >= GROUP_FILES:
                     send()
+            if failed:
+                group = []  # nothing more is written after a failure (pf.close() drops its chunks)
             send()
             pf.flush()
             while True:

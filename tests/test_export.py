@@ -401,6 +401,29 @@ def test_sftp_resume_removes_partial_files_a_kill_left(exported_contract, sftp_s
     assert run_cli("export", "verify", "--to", to, *opts, "--progress", "none").returncode == 0
 
 
+@pytest.mark.parametrize("fmt", ["bagit", "tar"])
+def test_corrupt_chunk_fails_the_export_cleanly(exported_contract, tmp_path: Path, site, fmt: str) -> None:
+    """A chunk that fails authentication stops a local export with the object named: no file
+    holds its bytes, no temporary file is left, no report is signed."""
+    from kiwi_restore.restore import lookup
+
+    contract, src = exported_contract
+    repo = site.open_repository(site.contract(contract))
+    node = lookup(repo, repo.list_snapshots()[-1], str(src / "big.bin"))
+    loc = repo.locate(node.chunks[0][0])
+    pack = Path(site.path("store")) / repo.pack_key(loc.pack_id)
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 1
+    pack.write_bytes(bytes(data))
+    dest = tmp_path / "dest"
+    r = export(contract, "--to", str(dest), "--format", fmt, ok=False)
+    assert r.returncode == 5, r.stderr.decode()
+    assert loc.blob_id.hex() in r.stderr.decode() and b"authentication failed" in r.stderr
+    assert not list(dest.rglob(".kiwi-partial-*"))
+    assert not (dest / "export-report.json").exists()
+    assert not [p for p in dest.rglob("big.bin")]  # the file that holds the bad chunk never appears
+
+
 def test_rerunning_a_finished_export_sends_nothing_and_verifies(exported_contract, tmp_path: Path) -> None:
     """The same command run again after it completed (or was killed just after) is not an error."""
     contract, _ = exported_contract
