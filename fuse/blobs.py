@@ -35,8 +35,9 @@ PREFETCHERS = 2  # prefetch jobs running at once
 # A remote store (S3) answers in milliseconds: reading through a 1 MiB gap costs less
 # than another request, and more jobs in flight hide the latency.
 REMOTE_MERGE_GAP = 1 << 20
-REMOTE_PREFETCHERS = 6
-REMOTE_PREFETCH_JOB = 4 << 20
+REMOTE_PREFETCHERS = 4
+REMOTE_PREFETCH_JOB = 4 << 20  # small files of a directory
+REMOTE_SEQUENTIAL_JOB = 8 << 20  # a file read in order: fewer, larger GETs cost less CPU per byte
 
 
 class ChunkCache:
@@ -110,6 +111,7 @@ class ChunkStore:
         remote = repo.backend.remote
         self.merge_gap = REMOTE_MERGE_GAP if remote else MERGE_GAP
         self.job_bytes = REMOTE_PREFETCH_JOB if remote else PREFETCH_JOB
+        self.sequential_job_bytes = REMOTE_SEQUENTIAL_JOB if remote else PREFETCH_JOB
         self.limiter = trio.CapacityLimiter(workers)
         # prefetch has its own, smaller limiter so it never starves reads that are waited on
         self.prefetch_limiter = trio.CapacityLimiter(
@@ -147,13 +149,15 @@ class ChunkStore:
         return p.value
 
     def prefetch(self, nursery: trio.Nursery, chunks: Iterable[tuple[bytes, int]],
-                 pushes: Iterable[tuple[int, int, bytes, bool]] = (), urgent: bool = False) -> int:
+                 pushes: Iterable[tuple[int, int, bytes, bool]] = (), urgent: bool = False,
+                 sequential: bool = False) -> int:
         """Start fetching CHUNKS (id, size) not cached nor in flight; returns how many.
 
         PUSHES (inode, offset, chunk id, whole file) are then written into the kernel's
         page cache (FUSE notify_store), so the reads that follow need no request at all.
         A chunk that is a whole file and was pushed leaves this cache: the kernel has it.
-        URGENT: a read waits for these, so they go through the readers' limiter."""
+        URGENT: a read waits for these, so they go through the readers' limiter.
+        SEQUENTIAL: chunks of a file read in order (larger jobs from a remote store)."""
         todo = []
         for cid, size in chunks:
             if cid is not None and self.wanted(cid):
@@ -173,10 +177,11 @@ class ChunkStore:
         # hands its chunks over as soon as it is done
         job: list[tuple[bytes, int]] = []
         size = 0
+        job_bytes = self.sequential_job_bytes if sequential else self.job_bytes
         for item in todo:
             job.append(item)
             size += item[1]
-            if size >= self.job_bytes:
+            if size >= job_bytes:
                 nursery.start_soon(self._prefetch, job, where, urgent)
                 job, size = [], 0
         if job:

@@ -599,7 +599,7 @@ class KiwiFS(pyfuse3.Operations):
         h.ra_index = j
         # no page cache push here: chunk edges rarely fall on page boundaries, so the
         # kernel would still ask for those pages; large READs cost little per byte anyway
-        self.chunks.prefetch(self.nursery, want)
+        self.chunks.prefetch(self.nursery, want, sequential=True)
 
     async def _chunk(self, h: FileHandle, cid: bytes, size: int) -> bytes:
         data = self.chunks.cached(cid)
