@@ -15,9 +15,10 @@ stderr. Needs root (drop_caches), restic, fusermount3 and the ceph packages (rad
 The S3 server is scripts/servers/start-ceph-rgw.sh on non-default ports (RGW 7580, state
 /tmp/bench-s3-ceph), BlueStore on a sparse file by default (--store-gib, grows with the
 data: both repositories, ~2x the dataset); reused if already up, stopped at the end only if
-this run started it (unless --keep-server). Its radosgw is restarted with beast's
-tcp_nodelay=1 (--no-tcp-nodelay: as the script starts it, where every small GET waits
-~40 ms for Nagle against the client's delayed ACK). --reuse keeps the repositories (sites under
+this run started it (unless --keep-server). radosgw runs with beast's tcp_nodelay=1 (the
+server script sets it; an older state directory without it gets radosgw restarted with it);
+--no-tcp-nodelay restarts it without, where every small GET waits ~40 ms for Nagle against
+the client's delayed ACK. --reuse keeps the repositories (sites under
 --work, buckets on the server) of an earlier run instead of backing up again.
 
 Small scale (4000 files, 64 MiB file), tcp_nodelay, 2 loaded cores, 4 runs: ours-s3 /
@@ -129,10 +130,11 @@ class Server:
         if "S3_ENDPOINT_URL" not in self.env:
             raise Failed(f"start-ceph-rgw.sh printed no S3_ENDPOINT_URL:\n{p.stdout}")
 
-    # start-ceph-rgw.sh leaves beast's tcp_nodelay off: every small response then waits ~40 ms
-    # (Nagle on RGW's side against the client's delayed ACK), which no tuned server does and
-    # which turns any small-GET workload into a measure of that stall. The benchmark restarts
-    # radosgw (only that daemon, same ceph.conf, same PID file) with tcp_nodelay=1 added.
+    # Without beast's tcp_nodelay every small response waits ~40 ms (Nagle on RGW's side
+    # against the client's delayed ACK), which turns any small-GET workload into a measure of
+    # that stall. start-ceph-rgw.sh now sets it in ceph.conf; for a state directory made
+    # before, or for --no-tcp-nodelay, radosgw alone (same ceph.conf, same PID file) is
+    # restarted with the frontends line changed on its command line.
     def _rgw_pid(self) -> int | None:
         try:
             with open(os.path.join(self.state, "pids", "rgw.a.pid")) as f:
@@ -143,9 +145,14 @@ class Server:
     def rgw_nodelay(self) -> bool:
         try:
             with open(f"/proc/{self._rgw_pid()}/cmdline", "rb") as f:
-                return b"tcp_nodelay=1" in f.read()
+                args = f.read().split(b"\0")
         except OSError:
             return False
+        if b"--rgw_frontends" in args:  # set on the command line by an earlier restart
+            return b"tcp_nodelay=1" in args[args.index(b"--rgw_frontends") + 1]
+        with open(os.path.join(self.state, "ceph.conf"), "rb") as f:
+            m = re.search(rb"^rgw frontends = (.*)$", f.read(), re.M)
+        return bool(m and b"tcp_nodelay=1" in m.group(1))
 
     def set_rgw_nodelay(self, on: bool) -> None:
         if self.rgw_nodelay() == on:
@@ -174,9 +181,9 @@ class Server:
                 time.sleep(0.1)
             else:
                 os.kill(pid, signal.SIGKILL)
-        cmd = ["radosgw", "-c", conf, "-n", "client.rgw.a", "-f"]
-        if on:
-            cmd += ["--rgw_frontends", frontends.group(1) + " tcp_nodelay=1"]
+        base = re.sub(r"\s*tcp_nodelay=\d", "", frontends.group(1))
+        cmd = ["radosgw", "-c", conf, "-n", "client.rgw.a", "-f",
+               "--rgw_frontends", base + (" tcp_nodelay=1" if on else "")]
         with open(os.path.join(self.state, "log", "rgw.a.out"), "a") as out:
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         with open(os.path.join(self.state, "pids", "rgw.a.pid"), "w") as f:
