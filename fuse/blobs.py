@@ -28,16 +28,33 @@ from ..repository import Repository
 
 log = logging.getLogger("kiwi_restore.fuse")
 
-MERGE_GAP = 256 << 10  # read through gaps up to this size rather than issue another request
 MAX_SPAN = 16 << 20  # never read more than this in one request
-PREFETCH_JOB = 2 << 20  # plaintext bytes one prefetch job fetches
-PREFETCHERS = 2  # prefetch jobs running at once
-# A remote store (S3) answers in milliseconds: reading through a 1 MiB gap costs less
-# than another request, and more jobs in flight hide the latency.
-REMOTE_MERGE_GAP = 1 << 20
-REMOTE_PREFETCHERS = 4
-REMOTE_PREFETCH_JOB = 4 << 20  # small files of a directory
-REMOTE_SEQUENTIAL_JOB = 8 << 20  # a file read in order: fewer, larger GETs cost less CPU per byte
+
+
+@dataclass(frozen=True)
+class FetchProfile:
+    """How much the mount asks of its store at once."""
+
+    merge_gap: int  # read through gaps up to this size rather than issue another request
+    prefetchers: int  # prefetch jobs running at once
+    job_bytes: int  # plaintext bytes one prefetch job fetches (small files of a directory)
+    sequential_job_bytes: int  # ... for a file read in order
+    max_readahead: int  # how far ahead of a sequential reader
+    sibling_bytes: int  # how far ahead in a directory small files are prefetched
+    sibling_files: int
+
+
+LOCAL = FetchProfile(merge_gap=256 << 10, prefetchers=2, job_bytes=2 << 20, sequential_job_bytes=2 << 20,
+                     max_readahead=16 << 20, sibling_bytes=4 << 20, sibling_files=128)
+# A remote store (S3) answers in milliseconds: reading through a 1 MiB gap costs less than
+# another request, more in flight hides the latency, and fewer, larger GETs cost less CPU
+# per byte.
+REMOTE = FetchProfile(merge_gap=1 << 20, prefetchers=4, job_bytes=4 << 20, sequential_job_bytes=8 << 20,
+                      max_readahead=48 << 20, sibling_bytes=16 << 20, sibling_files=512)
+
+
+def fetch_profile(repo: Repository) -> FetchProfile:
+    return REMOTE if repo.backend.remote else LOCAL
 
 
 class ChunkCache:
@@ -104,18 +121,14 @@ class BlobStats:
 
 
 class ChunkStore:
-    def __init__(self, repo: Repository, cache_bytes: int, workers: int = 8, prefetchers: int | None = None) -> None:
+    def __init__(self, repo: Repository, cache_bytes: int, profile: FetchProfile, workers: int = 8) -> None:
         self.repo = repo
         self.cache = ChunkCache(cache_bytes)
         self.cache_bytes = cache_bytes
-        remote = repo.backend.remote
-        self.merge_gap = REMOTE_MERGE_GAP if remote else MERGE_GAP
-        self.job_bytes = REMOTE_PREFETCH_JOB if remote else PREFETCH_JOB
-        self.sequential_job_bytes = REMOTE_SEQUENTIAL_JOB if remote else PREFETCH_JOB
+        self.profile = profile
         self.limiter = trio.CapacityLimiter(workers)
         # prefetch has its own, smaller limiter so it never starves reads that are waited on
-        self.prefetch_limiter = trio.CapacityLimiter(
-            prefetchers or (REMOTE_PREFETCHERS if remote else PREFETCHERS))
+        self.prefetch_limiter = trio.CapacityLimiter(profile.prefetchers)
         self._pending: dict[bytes, _Pending] = {}
         self.stats = BlobStats()
 
@@ -177,7 +190,7 @@ class ChunkStore:
         # hands its chunks over as soon as it is done
         job: list[tuple[bytes, int]] = []
         size = 0
-        job_bytes = self.sequential_job_bytes if sequential else self.job_bytes
+        job_bytes = self.profile.sequential_job_bytes if sequential else self.profile.job_bytes
         for item in todo:
             job.append(item)
             size += item[1]
@@ -276,7 +289,7 @@ class ChunkStore:
             end = first.offset + first.length
             while j < len(located):
                 loc = located[j][0]
-                if (loc.pack_id != first.pack_id or loc.offset - end > self.merge_gap
+                if (loc.pack_id != first.pack_id or loc.offset - end > self.profile.merge_gap
                         or loc.offset + loc.length - first.offset > MAX_SPAN):
                     break
                 end = max(end, loc.offset + loc.length)

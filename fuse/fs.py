@@ -28,7 +28,7 @@ from ..crypto import KIND_TREE
 from ..repository import LRU, Repository
 from ..tree import chunk_at
 from .audit import AuditWriter
-from .blobs import ChunkError, ChunkStore
+from .blobs import ChunkError, ChunkStore, fetch_profile
 from .dirs import DirTable
 from .inodes import ROOT_INODE, InodeTable
 from .layout import Layout
@@ -40,16 +40,10 @@ BLKSIZE = 128 << 10  # st_blksize: tools size their reads from it (cp, cat use m
 NAME_MAX = 255
 
 SMALL_FILE = 1 << 20  # files up to this size are prefetched with their neighbours
-SIBLING_BYTES = 4 << 20  # how far ahead in a directory small files are prefetched
-SIBLING_FILES = 128
-REMOTE_SIBLING_BYTES = 16 << 20  # ... from a remote store (S3): fewer, larger requests
-REMOTE_SIBLING_FILES = 512
 DIR_PATHS = 50_000  # directory paths remembered for the audit records
 RECENT_TABLES = 8  # directories whose table is kept at hand (on top of the LRU)
 TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
 TREE_PREFETCH_DEPTH = 1  # ... and so many levels below it (each level multiplies the work)
-MAX_READAHEAD = 16 << 20
-REMOTE_MAX_READAHEAD = 48 << 20  # a remote store needs more in flight to hide its latency
 
 
 class TreeError(Exception):
@@ -161,11 +155,8 @@ class KiwiFS(pyfuse3.Operations):
         self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
         self.chunk_bytes = cache_bytes - cache_bytes // 3
         # a sequential reader's prefetch window: what a few readers at once can hold in cache
-        remote = repo.backend.remote
-        self.max_readahead = max(1 << 20, min(REMOTE_MAX_READAHEAD if remote else MAX_READAHEAD,
-                                              self.chunk_bytes // 8))
-        self.sibling_bytes = REMOTE_SIBLING_BYTES if remote else SIBLING_BYTES
-        self.sibling_files = REMOTE_SIBLING_FILES if remote else SIBLING_FILES
+        self.profile = fetch_profile(repo)
+        self.max_readahead = max(1 << 20, min(self.profile.max_readahead, self.chunk_bytes // 8))
         self._tree_loads: dict[bytes, _TreeLoad] = {}
         self._horizon: dict[int, tuple[int, int]] = {}  # dir slot -> files prefetched [start, end)
         self._dir_paths: dict[int, bytes] = {}
@@ -186,7 +177,7 @@ class KiwiFS(pyfuse3.Operations):
     def start(self, nursery: trio.Nursery) -> None:
         """Bind to the running trio loop (limiters and background prefetch tasks)."""
         self.nursery = nursery
-        self.chunks = ChunkStore(self.repo, self.chunk_bytes)
+        self.chunks = ChunkStore(self.repo, self.chunk_bytes, self.profile)
         self.tree_limiter = trio.CapacityLimiter(4)
         self.tree_prefetch_limiter = trio.CapacityLimiter(2)
 
@@ -550,7 +541,7 @@ class KiwiFS(pyfuse3.Operations):
         pack: tar, cp and rsync read a directory's files in its order. When the kernel
         knows them (the directory was listed), their data goes into its page cache."""
         start, horizon = self._horizon.get(slot, (0, 0))
-        if start <= index < horizon - self.sibling_files // 2:
+        if start <= index < horizon - self.profile.sibling_files // 2:
             return  # well inside what was fetched last time
         if not start <= index < horizon:
             horizon = index  # another pass, or a jump: start over from here
@@ -561,8 +552,8 @@ class KiwiFS(pyfuse3.Operations):
         snap = self.inodes.snap(slot)
         total = 0
         j = max(index, horizon)
-        end = min(len(t), j + self.sibling_files)
-        while j < end and total < self.sibling_bytes:
+        end = min(len(t), j + self.profile.sibling_files)
+        while j < end and total < self.profile.sibling_bytes:
             if t.is_file(j) and t.size[j] <= SMALL_FILE:
                 ino = first + j
                 if t.hardlink[j]:

@@ -50,6 +50,8 @@ import sys
 import time
 import urllib.request
 
+from bench_export import du  # same directory: scripts/
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VENV_PY = os.path.join(ROOT, ".venv", "bin", "python")
@@ -285,16 +287,6 @@ def drop_caches(server: Server | None) -> None:
         f.write("3\n")
     if server:
         server.drop_osd_cache()
-
-
-def du(path: str) -> int:
-    total = 0
-    for dp, _, fs in os.walk(path):
-        for f in fs:
-            p = os.path.join(dp, f)
-            if not os.path.islink(p):
-                total += os.lstat(p).st_size
-    return total
 
 
 def disk_free(path: str) -> int:

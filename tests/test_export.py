@@ -365,16 +365,32 @@ def test_s3_kill_9_resume_multipart(kiwi, tmp_path: Path, moto_s3: dict, monkeyp
     assert _tree_bytes(got) == _tree_bytes(ref)
 
 
+def _kill_mid_export_and_plant_partial(contract: str, to: str, opts: list[str], watch: Path) -> None:
+    """Start an export, kill -9 it once a file lands under WATCH, and leave beside that file
+    what a kill in the middle of a write leaves: a half-written temporary."""
+    p = subprocess.Popen([__import__("sys").executable, "-m", "kiwi_restore.cli", "export", contract, "--to", to,
+                          *opts, "--progress", "none", "--jobs", "1"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    while p.poll() is None and not (watch.exists() and any(watch.rglob("*.bin"))):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    (next(watch.rglob("*.bin")).parent / ".kiwi-partial-0123456789abcdef").write_bytes(b"half an object")
+
+
+def _sftp_target(e: dict, sub: str) -> tuple[str, list[str], Path]:
+    """(destination URL, options, local path of that destination) on the test SFTP server."""
+    to = f"sftp://{e['SFTP_USER']}@{e['SFTP_HOST']}:{e['SFTP_PORT']}{e['SFTP_ROOT']}/{sub}"
+    opts = ["--ssh-key", e["SFTP_KEY"], "--known-hosts", e["SFTP_KNOWN_HOSTS"], "--region", "FR"]
+    return to, opts, Path(e["SFTP_ROOT"]) / sub
+
+
 # -- SFTP ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["bagit", "tar", "zip", "tree"])
 def test_sftp_export(exported_contract, tmp_path: Path, sftp_server: dict, fmt: str) -> None:
     contract, src = exported_contract
-    sub = f"export-{fmt}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-    e = sftp_server
-    to = f"sftp://{e['SFTP_USER']}@{e['SFTP_HOST']}:{e['SFTP_PORT']}{e['SFTP_ROOT']}/{sub}"
-    opts = ["--ssh-key", e["SFTP_KEY"], "--known-hosts", e["SFTP_KNOWN_HOSTS"], "--region", "FR"]
+    to, opts, root = _sftp_target(sftp_server, f"export-{fmt}-{os.getpid()}-{int(time.time() * 1000) % 10**8}")
     export(contract, "--to", to, "--format", fmt, *opts)
-    root = Path(e["SFTP_ROOT"]) / sub
     check_format(fmt, root, src, tmp_path)
     check_report(root)
     assert run_cli("export", "verify", "--to", to, *opts, "--progress", "none").returncode == 0
@@ -382,20 +398,8 @@ def test_sftp_export(exported_contract, tmp_path: Path, sftp_server: dict, fmt: 
 
 def test_sftp_resume_removes_partial_files_a_kill_left(exported_contract, sftp_server: dict) -> None:
     contract, _ = exported_contract
-    e = sftp_server
-    sub = f"resume-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-    to = f"sftp://{e['SFTP_USER']}@{e['SFTP_HOST']}:{e['SFTP_PORT']}{e['SFTP_ROOT']}/{sub}"
-    opts = ["--ssh-key", e["SFTP_KEY"], "--known-hosts", e["SFTP_KNOWN_HOSTS"], "--region", "FR"]
-    root = Path(e["SFTP_ROOT"]) / sub
-    p = subprocess.Popen([__import__("sys").executable, "-m", "kiwi_restore.cli", "export", contract, "--to", to,
-                          *opts, "--progress", "none", "--jobs", "1"], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    while p.poll() is None and not (root.exists() and any(root.rglob("*.bin"))):
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    stray = next(root.rglob("*.bin")).parent / ".kiwi-partial-0123456789abcdef"
-    stray.write_bytes(b"half an object")  # what a kill in the middle of an upload leaves
+    to, opts, root = _sftp_target(sftp_server, f"resume-{os.getpid()}-{int(time.time() * 1000) % 10**8}")
+    _kill_mid_export_and_plant_partial(contract, to, opts, root)
     export(contract, "--to", to, *opts)
     assert not list(root.rglob(".kiwi-partial-*"))
     assert run_cli("export", "verify", "--to", to, *opts, "--progress", "none").returncode == 0
@@ -443,15 +447,7 @@ def test_rerunning_a_finished_export_sends_nothing_and_verifies(exported_contrac
 def test_resume_removes_partial_files_a_kill_left(exported_contract, tmp_path: Path) -> None:
     contract, _ = exported_contract
     dest = tmp_path / "dest"
-    p = subprocess.Popen([__import__("sys").executable, "-m", "kiwi_restore.cli", "export", contract, "--to",
-                          str(dest), "--progress", "none", "--jobs", "1"], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    while p.poll() is None and not (dest.exists() and any(dest.rglob("*.bin"))):
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    stray = next(dest.rglob("*.bin")).parent / ".kiwi-partial-0123456789abcdef"
-    stray.write_bytes(b"half an object")  # what a kill in the middle of a write leaves
+    _kill_mid_export_and_plant_partial(contract, str(dest), [], dest)
     export(contract, "--to", str(dest))
     assert not list(dest.rglob(".kiwi-partial-*"))
     assert run_cli("export", "verify", "--to", str(dest), "--progress", "none").returncode == 0

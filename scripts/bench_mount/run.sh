@@ -229,22 +229,29 @@ if has_phase prepare; then
 fi
 
 # ---- FUSE / read-path measurements -----------------------------------------------
+# mount_fresh TOOL "WAITLS ARGS": a fresh mount of TOOL, timed until its root lists (the
+# mount latency); sets ROOT (the dataset inside it; the plain directory for "source")
+mount_fresh() {
+  local tool=$1 wargs=$2 mnt t0
+  if [[ $tool == source ]]; then
+    ROOT=$SRC
+    return
+  fi
+  mnt=$MNTBASE/$tool
+  mountpoint -q "$mnt" && fusermount3 -u "$mnt"
+  mkdir -p "$mnt"
+  t0=$(date +%s.%N)
+  "${tool}_mount" "$mnt"; ACTIVE_MNT=$mnt
+  ROOT=$("${tool}_root" "$mnt")
+  $U waitls $wargs --t0 "$t0" --path "$ROOT" --timeout 900 >/dev/null
+}
+
 measure_tool() {
-  local tool=$1 rep=$2 root mnt t0
+  local tool=$1 rep=$2 root mnt
   local T="$TAGS --tag tool=$tool --tag rep=$rep --out $OUT"
   log "measure $tool rep $rep"
   drop_caches
-  if [[ $tool == source ]]; then
-    root=$SRC
-  else
-    mnt=$MNTBASE/$tool
-    mountpoint -q "$mnt" && fusermount3 -u "$mnt"
-    mkdir -p "$mnt"
-    t0=$(date +%s.%N)
-    "${tool}_mount" "$mnt"; ACTIVE_MNT=$mnt
-    root=$("${tool}_root" "$mnt")
-    $U waitls $T --t0 "$t0" --path "$root" --timeout 900 >/dev/null
-  fi
+  mount_fresh "$tool" "$T"; root=$ROOT; mnt=$MNTBASE/$tool
   $U run $T --metric find_cold --count-from-stdout "find $(q "$root") | wc -l" >/dev/null
   $U run $T --metric find_warm --count-from-stdout "find $(q "$root") | wc -l" >/dev/null
   drop_caches
@@ -268,21 +275,11 @@ fi
 # ---- hot: backing storage already in the page cache, fresh mount ----------------
 # Isolates the tool's CPU/FUSE cost from disk I/O. For "source" this is pure tar/dd speed.
 measure_hot() {
-  local tool=$1 rep=$2 root mnt t0 d
+  local tool=$1 rep=$2 root mnt d
   local T="$TAGS --tag tool=$tool --tag rep=$rep --out $OUT"
   log "hot $tool rep $rep"
   while read -r d; do [[ -e $d ]] && find "$d" -type f -print0 | xargs -0 -r cat > /dev/null; done < <("${tool}_store")
-  if [[ $tool == source ]]; then
-    root=$SRC
-  else
-    mnt=$MNTBASE/$tool
-    mountpoint -q "$mnt" && fusermount3 -u "$mnt"
-    mkdir -p "$mnt"
-    t0=$(date +%s.%N)
-    "${tool}_mount" "$mnt"; ACTIVE_MNT=$mnt
-    root=$("${tool}_root" "$mnt")
-    $U waitls $T --metric mount_latency_hot_s --t0 "$t0" --path "$root" --timeout 900 >/dev/null
-  fi
+  mount_fresh "$tool" "$T --metric mount_latency_hot_s"; root=$ROOT; mnt=$MNTBASE/$tool
   $U run $T --metric tar_small_hot --bytes-from-stdout "tar cf - -C $(q "$root") $(q "$SMALL_DIR") | wc -c" >/dev/null
   $U run $T --metric seq_read_bigfile_hot --bytes-from-stdout \
     "dd if=$(q "$root/$BIG1") of=/dev/null bs=1M status=none && stat -L -c %s $(q "$root/$BIG1")" >/dev/null
