@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import __version__
@@ -135,7 +138,7 @@ def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", w
     total_bytes = sum(s.stats.get("bytes", 0) for s in snaps)
     progress = Progress(total_files, total_bytes, progress_mode)
     try:
-        with audited(site, "export", rec, dict(details), sealed, repo) as a:
+        with audited(site, "export", rec, dict(details), sealed, repo) as a, fewer_collections():
             try:
                 result = asyncio.run(_export(site, rec, plan, dest, journal, resumed, jobs, progress, producers,
                                              details, verify, in_eu, allow_non_eu, which, at, machines))
@@ -154,6 +157,23 @@ def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", w
     else:
         raise_verify_failure(result.verification)
     return result
+
+
+@contextmanager
+def fewer_collections() -> Iterator[None]:
+    """An export makes a few objects per file and keeps almost none: the cyclic collector's
+    default (a pass every 700 allocations, rescanning the loaded index and trees) cost
+    about 5% of a small-file export's time. Collect rarely, and never rescan what existed
+    before the export started."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 class _AlreadyComplete(Exception):
