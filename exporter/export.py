@@ -28,6 +28,7 @@ from .fetch import Prefetcher
 from .journal import Journal, job_id
 from .pipeline import Engine, Progress
 from .plan import FORMATS, REPORT_STEM, Plan
+from .processes import default_workers
 from .report import report_document, write_report
 from .verify import VerifyResult, verify_destination
 
@@ -150,7 +151,8 @@ def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", w
     finally:
         progress.close()
         readers.shutdown(wait=False, cancel_futures=True)
-        producers.shutdown(wait=False, cancel_futures=True)
+        # wait for writes still running (a failed job's siblings): none may outlive the command
+        producers.shutdown(wait=True, cancel_futures=True)
         journal.close()
     if result.verification.ok:
         journal.remove()  # done: nothing temporary is left behind
@@ -214,7 +216,8 @@ async def _export(site: Site, rec, plan: Plan, dest: Destination, journal: Journ
     t0 = time.monotonic()
     await dest.start()
     engine = Engine(dest, journal, jobs, progress, plan.fmt == "bagit", producers,
-                    prefetcher=lambda: Prefetcher(plan.repo, plan.pool))
+                    prefetcher=lambda: Prefetcher(plan.repo, plan.pool),
+                    processes=default_workers() if plan.fmt in ("bagit", "tree") else 0)
     ticker = asyncio.create_task(progress.ticker())
     try:
         if not resumed:
@@ -234,13 +237,13 @@ async def _export(site: Site, rec, plan: Plan, dest: Destination, journal: Journ
         journal.state["runs"] = journal.state.get("runs", 0) + 1
         journal.save()
         progress.phase("export")
-        count = await engine.run_all(plan.content())
+        count = await engine.run_all(plan.content)
         if dest.kind == "local":  # the files before the journal that says they are done
             await asyncio.to_thread(syncfs, dest.display)
         journal.sync()
 
         def digest(i: int):  # noqa: ANN202
-            d = journal.done(i)
+            d = journal.read(i)
             if d is None:
                 raise IntegrityError(f"export object #{i} has no digest in the journal")
             return d

@@ -57,16 +57,20 @@ class Journal:
         self._aead = AESGCM(hkdf(keys.data_key, b"kiwi-restore/v1/export-journal/" + job.encode()))
         self._stack = ExitStack()
         self._fd = -1
+        self._lock_fd = -1
+        self._end = 0  # records at or past this index were never written
+        self._blocks: dict[int, bytes] = {}  # read() cache, dropped by every mark_done
         self.state: dict = {}
 
     # -- lifetime ---------------------------------------------------------------
     def open(self) -> bool:
         """Lock and load the journal; True when resuming an earlier run."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        self._stack.enter_context(file_lock(os.path.join(self.dir, "lock"), wait=0,
-                                            what="this export (another run of it is going on)"))
+        self._lock_fd = self._stack.enter_context(file_lock(os.path.join(self.dir, "lock"), wait=0,
+                                                            what="this export (another run of it is going on)"))
         self._fd = os.open(os.path.join(self.dir, "digests"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._stack.callback(os.close, self._fd)
+        self._end = os.fstat(self._fd).st_size // RECORD.size + 1
         path = os.path.join(self.dir, "state")
         if not os.path.exists(path):
             return False
@@ -85,6 +89,11 @@ class Journal:
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def forget_lock(self) -> None:
+        """In a forked writer process: close this process's copy of the lock's descriptor, so
+        that the lock ends with the export's own process."""
+        os.close(self._lock_fd)
+
     def save(self) -> None:
         nonce = os.urandom(12)
         data = nonce + self._aead.encrypt(nonce, json.dumps(self.state).encode(), self.job.encode())
@@ -93,15 +102,43 @@ class Journal:
 
     # -- per-object digests -----------------------------------------------------------
     def done(self, index: int) -> Digest | None:
-        raw = os.pread(self._fd, RECORD.size, index * RECORD.size)
+        if index >= self._end:  # a first run asks this of every object: no system call then
+            return None
+        return self._unpack(os.pread(self._fd, RECORD.size, index * RECORD.size))
+
+    @staticmethod
+    def _unpack(raw: bytes) -> Digest | None:
         if len(raw) < RECORD.size:
             return None
         flag, size, s256, s512 = RECORD.unpack(raw)
         return Digest(size, s256, s512) if flag == 1 else None
 
+    def read(self, index: int) -> Digest | None:
+        """done(), for the passes over every object that follow the content (manifests,
+        counts): records are read BLOCK at a time."""
+        block = index // self.BLOCK
+        blocks = self._blocks
+        raw = blocks.get(block)
+        if raw is None:
+            raw = os.pread(self._fd, RECORD.size * self.BLOCK, block * self.BLOCK * RECORD.size)
+            if len(blocks) >= 4:
+                blocks.clear()
+            blocks[block] = raw
+        at = (index % self.BLOCK) * RECORD.size
+        return self._unpack(raw[at:at + RECORD.size])
+
+    BLOCK = 4096
+
+    def extend(self, end: int) -> None:
+        """Records below END may have been written by another process (a forked writer)."""
+        self._end = max(self._end, end)
+
     def mark_done(self, index: int, d: Digest) -> None:
         # one pwrite of the whole record: a killed process leaves it whole or absent
         os.pwrite(self._fd, RECORD.pack(1, d.size, d.sha256, d.sha512.ljust(64, b"\0")), index * RECORD.size)
+        if index >= self._end:
+            self._end = index + 1
+        self._blocks = {}
 
     def sync(self) -> None:
         os.fsync(self._fd)

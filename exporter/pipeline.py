@@ -244,7 +244,8 @@ def retryable(exc: BaseException) -> bool:
 
 class Engine:
     def __init__(self, dest: Destination, journal: Journal, jobs: int, progress: Progress, sha512: bool,
-                 producers: ThreadPoolExecutor, prefetcher: Callable[[], Prefetcher] | None = None) -> None:
+                 producers: ThreadPoolExecutor, prefetcher: Callable[[], Prefetcher] | None = None,
+                 processes: int = 0) -> None:
         self.dest = dest
         self.journal = journal
         self.jobs = jobs
@@ -252,6 +253,7 @@ class Engine:
         self.sha512 = sha512
         self.producers = producers
         self.prefetcher = prefetcher
+        self.processes = processes  # > 1: a local export of plain files is written by forked processes
         self.walker = ThreadPoolExecutor(1, thread_name_prefix="kiwi-export-plan")
         self.hasher = ThreadPoolExecutor(2, thread_name_prefix="kiwi-export-hash") if sha512 else None
         self.sent = self.skipped = self.retries = 0
@@ -263,13 +265,14 @@ class Engine:
         if self.hasher is not None:
             self.hasher.shutdown(wait=False, cancel_futures=True)
 
-    async def run_all(self, items: Iterable[Item], start: int = 0) -> int:
-        """Every item of ITEMS (a lazy, deterministic sequence), JOBS at a time; returns the count."""
+    async def run_all(self, items: Callable[[], Iterable[Item]], start: int = 0) -> int:
+        """Every item of ITEMS() (a lazy, deterministic sequence), JOBS at a time; returns the
+        count. A retry after a transient error goes over a fresh ITEMS() from its start."""
         if self.dest.kind == "local" and self.prefetcher is not None:
             sent, skipped = self.sent, self.skipped
+            stream = self._stream_processes if self.processes > 1 else self._stream_local
             try:
-                return await asyncio.get_running_loop().run_in_executor(self.walker, self._stream_local, items,
-                                                                        start)
+                return await asyncio.get_running_loop().run_in_executor(self.walker, stream, items(), start)
             except Exception as exc:  # noqa: BLE001 (classified just below)
                 if not retryable(exc):
                     raise
@@ -277,10 +280,10 @@ class Engine:
                 # backoff); those already written are in the journal and are skipped
                 self.retries += 1
                 fast_sent, self.skipped = self.sent - sent, skipped
-                count = await self._run_all(items, start)
+                count = await self._run_all(items(), start)
                 self.skipped -= fast_sent
                 return count
-        return await self._run_all(items, start)
+        return await self._run_all(items(), start)
 
     def _stream_local(self, items: Iterable[Item], start: int) -> int:
         """Local destination: this thread walks the items in order and queues their chunks in a
@@ -357,6 +360,59 @@ class Engine:
             writer.shutdown(wait=True)
         if failed:
             raise failed[0]
+        return count
+
+    def _stream_processes(self, items: Iterable[Item], start: int) -> int:
+        """Local export of plain files: this thread walks the items and sends groups of
+        consecutive files to forked writer processes (exporter/processes.py), which use both
+        cores where threads could not; the few other objects (metadata sidecars) are written
+        by a thread of this process meanwhile."""
+        from .processes import WriterProcesses
+
+        pf = self.prefetcher()
+        repo, root = pf.repo, self.dest.display
+
+        def on_done(files: int, nbytes: int) -> None:
+            self.progress.add(files, 0)
+            self.sent += files
+            self.sent_bytes += nbytes
+
+        procs = WriterProcesses(self.processes, repo, root, self.journal, self.sha512,
+                                lambda n: self.progress.add(0, n), on_done)
+        others = ThreadPoolExecutor(1, thread_name_prefix="kiwi-export-write")
+        other_futs: list[concurrent.futures.Future] = []
+        count = 0
+        group: list = []
+        group_bytes = 0
+        try:
+            for item in items:
+                if procs.failed() or any(f.done() and f.exception() for f in other_futs):
+                    break
+                index = start + count
+                count += 1
+                d = self.journal.done(index)
+                if d is not None:
+                    self.progress.add(item.files, d.size)
+                    self.skipped += 1
+                    continue
+                if item.node is None:
+                    other_futs.append(others.submit(self._write_local, index, item, pf, None))
+                    continue
+                group.append((index, item.key, item.node))
+                group_bytes += item.node.size
+                if group_bytes >= GROUP_BYTES or len(group) >= GROUP_FILES:
+                    procs.send(group)
+                    group, group_bytes = [], 0
+            if group and not procs.failed():
+                procs.send(group)
+            procs.finish()
+            for f in other_futs:
+                f.result()
+        finally:
+            procs.close()
+            others.shutdown(wait=True)
+            pf.close()
+            self.journal.extend(start + count)  # what the children recorded, for a retry
         return count
 
     def _write_group(self, group: list[tuple[int, Item, Ticket | None]], pf: Prefetcher) -> None:

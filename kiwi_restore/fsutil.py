@@ -71,8 +71,9 @@ def shred(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def file_lock(path: str, wait: float = 0.0, what: str = "lock") -> Iterator[None]:
-    """An exclusive flock on PATH; waits up to WAIT seconds, else LockedError.
+def file_lock(path: str, wait: float = 0.0, what: str = "lock") -> Iterator[int]:
+    """An exclusive flock on PATH; waits up to WAIT seconds, else LockedError. Yields the
+    descriptor holding it (a forked child closes its copy, see exporter/processes.py).
 
     A flock dies with its process, so a killed holder never leaves a stale lock.
     """
@@ -88,6 +89,6 @@ def file_lock(path: str, wait: float = 0.0, what: str = "lock") -> Iterator[None
                 if time.monotonic() >= deadline:
                     raise LockedError(f"{what} is held by another process ({path})") from None
                 time.sleep(0.1)
-        yield
+        yield fd
     finally:
         os.close(fd)

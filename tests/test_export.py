@@ -210,6 +210,17 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name not in skip}
 
 
+def _no_process_left(args: list[str]) -> None:
+    pattern = " ".join(["export", *args])
+    deadline = time.monotonic() + 5
+    while True:
+        left = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"processes left after kill -9: {left}"
+        time.sleep(0.05)
+
+
 def _kill_and_resume(args: list[str], probe, delays: tuple[float, ...]) -> int:  # noqa: ANN001
     """Start the export, kill -9 it when PROBE() shows progress (+ a delay); returns the kills."""
     import sys
@@ -226,6 +237,7 @@ def _kill_and_resume(args: list[str], probe, delays: tuple[float, ...]) -> int: 
             p.send_signal(signal.SIGKILL)
             p.wait()
             kills += 1
+            _no_process_left(args)  # forked writer processes die with the export
         else:
             p.communicate()
     r = run_cli("export", *args, "--progress", "none", "--json")
