@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .. import __version__
+from .. import __version__, memory
 from ..errors import IntegrityError, NotFound, PolicyError, UsageError
 from ..fsutil import syncfs
 from ..service import audited, open_contract
@@ -85,7 +85,7 @@ def check_region(dest: Destination, allow_non_eu: bool) -> bool:
     return False
 
 
-EXPORT_TREE_CACHE = 64 << 20  # estimated bytes of decoded trees kept (about 53 MB real at most)
+EXPORT_TREE_CACHE = 40 << 20  # estimated bytes of decoded trees kept (about 60 MB real at most)
 
 
 def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", which: str = "all",
@@ -128,6 +128,7 @@ def export_contract(site: Site, contract: str, to: str, *, fmt: str = "bagit", w
     # an export walks each snapshot several times (files, sidecar, inventory, names, manifests)
     repo.tree_cache.max_bytes = EXPORT_TREE_CACHE
     repo.tree_cache.keep_when_full = True
+    memory.limit_malloc_arenas()  # before the threads start (and the forked writers inherit it)
     # local reads are short: more threads only contend for the GIL (hashing, decryption and
     # decompression release it); a remote store needs more requests in flight
     readers = ThreadPoolExecutor(jobs * 2 if repo.backend.remote else 2,

@@ -35,6 +35,9 @@ from .journal import Journal
 
 AHEAD = 4  # groups queued per child: it reads the next ones ahead while it writes
 PROGRESS_STEP = 16 << 20  # a child reports bytes at least this often
+# a child's read-ahead: half a thread-writer's window, so two children hold about as much
+CHILD_WINDOW = 16 << 20
+CHILD_BATCH = 2 << 20
 PR_SET_PDEATHSIG = 1
 
 Group = list[tuple[int, str, Node]]  # (object index, key, node) of consecutive files
@@ -69,7 +72,7 @@ def _child(conn: Connection, repo: Repository, root: str, journal: Journal, sha5
 
     progress = _ChildProgress(conn)
     pool = ThreadPoolExecutor(readers, thread_name_prefix="kiwi-export-read")
-    pf = Prefetcher(repo, pool)
+    pf = Prefetcher(repo, pool, window=CHILD_WINDOW, batch_bytes=CHILD_BATCH)
     dest = LocalDestination(root)
     pending: deque[list] = deque()
     eof = False
