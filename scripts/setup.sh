@@ -40,4 +40,7 @@ if [ "$have" != "$hash-1" ] && [ "$have" != "$hash-$WITH_TEST" ]; then
   fi
   echo "$hash-$WITH_TEST" > $stamp
 fi
+# the editable install leaves our modules uncompiled; where PYTHONDONTWRITEBYTECODE is set
+# (as on these machines) every command would compile them again (~0.1 s of each start)
+.venv/bin/python -m compileall -q kiwi_restore exporter fuse >&2
 echo "[setup] ready: $(.venv/bin/kiwi-restore --version)" >&2
