@@ -269,7 +269,8 @@ measure_tool() {
 if has_phase measure; then
   # as an installed package would be: our modules compiled ahead (PYTHONDONTWRITEBYTECODE
   # would otherwise make every mount compile them again)
-  "$(dirname "$KIWI")/python" -m compileall -q "$ROOT/kiwi_restore" "$ROOT/exporter" "$ROOT/fuse" >/dev/null
+  project=$(cd "$HERE/../.." && pwd)
+  "$project/.venv/bin/python" -m compileall -q "$project/kiwi_restore" "$project/exporter" "$project/fuse" >/dev/null
   for rep in $(seq "$REPS"); do
     for t in $TOOLS; do measure_tool "$t" "$rep"; done
   done
