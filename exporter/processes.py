@@ -61,9 +61,11 @@ class _ChildProgress:
             self.bytes = 0
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _child(conn: Connection, repo: Repository, root: str, journal: Journal, sha512: bool, readers: int,
@@ -111,11 +113,11 @@ def _child(conn: Connection, repo: Repository, root: str, journal: Journal, sha5
 
 
 def _run_child(conn: Connection, others: list[Connection], repo: Repository, root: str, journal: Journal,
-               sha512: bool, readers: int, stop: mmap.mmap) -> None:
+               sha512: bool, readers: int, stop: mmap.mmap, parent: int) -> None:
     """The forked process: never returns into the parent's stack."""
     code = 0
     try:
-        _die_with_parent()
+        _die_with_parent(parent)
         journal.forget_lock()
         for c in others:
             c.close()
@@ -162,13 +164,14 @@ class WriterProcesses:
         self.pids: list[int] = []
         self.queued: list[int] = []
         self.error: BaseException | None = None
+        me = os.getpid()
         try:
             for _ in range(n):
                 parent_end, child_end = _pipe()
                 pid = os.fork()
                 if pid == 0:
                     parent_end.close()
-                    _run_child(child_end, self.conns, repo, root, journal, sha512, readers, self.stop)
+                    _run_child(child_end, self.conns, repo, root, journal, sha512, readers, self.stop, me)
                 child_end.close()
                 self.conns.append(parent_end)
                 self.pids.append(pid)
