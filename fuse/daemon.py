@@ -138,7 +138,9 @@ def mount(site: Site, contract: str, opts: MountOptions) -> str:
     """Mount and return a message for the user; detaches unless opts.foreground."""
     opts.mountpoint = os.path.abspath(opts.mountpoint)
     # the contract key's Argon2id derivation releases the GIL: import the mount's runtime
-    # meanwhile (about 0.1 s of a 0.3 s start), and before the fork, so the daemon has it
+    # meanwhile (about 0.1 s of a 0.3 s start), and before the fork, so the daemon has it.
+    # One malloc arena first: a second thread would get its own, and the daemon inherit it
+    memory.limit_malloc_arenas()
     importer = threading.Thread(target=_import_runtime, name="kiwi-mount-import")
     importer.start()
     try:

@@ -165,7 +165,7 @@ export -f source_export restic_export borg_export ours_export
 
 TOOLS=${TOOLS:-"source ptfs restic borg"}
 EXPORTS=${EXPORTS:-"source restic borg"}
-if [[ $OURS_ENABLED == 1 ]]; then TOOLS="$TOOLS ours"; fi
+if [[ $OURS_ENABLED == 1 && " $TOOLS " != *" ours "* ]]; then TOOLS="$TOOLS ours"; fi
 HOT_TOOLS=${HOT_TOOLS:-$TOOLS}
 
 # ---- mount bookkeeping / cleanup ---------------------------------------------
