@@ -463,3 +463,34 @@ def test_resume_removes_partial_files_a_kill_left(exported_contract, tmp_path: P
     export(contract, "--to", str(dest))
     assert not list(dest.rglob(".kiwi-partial-*"))
     assert run_cli("export", "verify", "--to", str(dest), "--progress", "none").returncode == 0
+
+
+def test_transient_local_error_is_retried_over_the_whole_plan(exported_contract, tmp_path: Path, site,
+                                                              monkeypatch) -> None:
+    """An I/O error in a local export's fast path is retried the careful way (with backoff),
+    over the plan again from its start: the export completes, identical and verified. (The
+    retry used to continue the fast path's half-consumed walk and lose what it had taken.)"""
+    import errno
+
+    from kiwi_restore.exporter import destinations
+    from kiwi_restore.exporter import export as export_module
+
+    class FlakyDisk(destinations.LocalDestination):
+        """A real local destination whose first archive open fails like a device hiccup."""
+
+        failures = 0
+
+        def sync_writer(self, key: str) -> destinations.LocalWriter:
+            if key.startswith("archives/") and not FlakyDisk.failures:
+                FlakyDisk.failures += 1
+                raise OSError(errno.EIO, "injected: the destination disk did not answer")
+            return super().sync_writer(key)
+
+    contract, src = exported_contract
+    dest = tmp_path / "dest"
+    monkeypatch.setattr(export_module, "parse_destination", lambda to, opts: FlakyDisk(to))
+    res = export_module.export_contract(site, contract, str(dest), fmt="tar", progress_mode="none")
+    assert FlakyDisk.failures == 1
+    assert res.verification.ok and res.sent == res.objects and res.skipped == 0
+    check_format("tar", dest, src, tmp_path)
+    assert not list(dest.rglob(".kiwi-partial-*"))
