@@ -50,6 +50,8 @@ class Digest:
 
 
 class Journal:
+    BLOCK = 4096  # records read at once by read()
+
     def __init__(self, site: Site, job: str, keys: ContractKeys) -> None:
         # the contract id (a random UUID, not client data) lets the contract's purge find its journals
         self.dir = os.path.join(journal_root(site), f"{keys.contract_id.hex()}-{job}")
@@ -126,8 +128,6 @@ class Journal:
             blocks[block] = raw
         at = (index % self.BLOCK) * RECORD.size
         return self._unpack(raw[at:at + RECORD.size])
-
-    BLOCK = 4096
 
     def extend(self, end: int) -> None:
         """Records below END may have been written by another process (a forked writer)."""

@@ -328,10 +328,7 @@ class Engine:
                     break
                 index = start + count
                 count += 1
-                d = self.journal.done(index)
-                if d is not None:
-                    self.progress.add(item.files, d.size)
-                    self.skipped += 1
+                if self._already_done(index, item) is not None:
                     continue
                 node = item.node
                 if node is not None:
@@ -381,22 +378,25 @@ class Engine:
                                 lambda n: self.progress.add(0, n), on_done)
         others = ThreadPoolExecutor(1, thread_name_prefix="kiwi-export-write")
         other_futs: list[concurrent.futures.Future] = []
+        other_failed: list[BaseException] = []
+
+        def other_done(fut: concurrent.futures.Future) -> None:
+            if fut.exception() is not None:
+                other_failed.append(fut.exception())
         count = 0
         group: list = []
         group_bytes = 0
         try:
             for item in items:
-                if procs.failed() or any(f.done() and f.exception() for f in other_futs):
+                if procs.failed() or other_failed:
                     break
                 index = start + count
                 count += 1
-                d = self.journal.done(index)
-                if d is not None:
-                    self.progress.add(item.files, d.size)
-                    self.skipped += 1
+                if self._already_done(index, item) is not None:
                     continue
                 if item.node is None:
                     other_futs.append(others.submit(self._write_local, index, item, pf, None))
+                    other_futs[-1].add_done_callback(other_done)
                     continue
                 group.append((index, item.key, item.node))
                 group_bytes += item.node.size
@@ -478,11 +478,17 @@ class Engine:
                 tg.create_task(worker())
         return count
 
-    async def run_item(self, index: int, item: Item) -> Digest:
+    def _already_done(self, index: int, item: Item) -> Digest | None:
+        """The object's digest if an earlier run wrote it (counted as skipped), else None."""
         d = self.journal.done(index)
         if d is not None:
             self.progress.add(item.files, d.size)
             self.skipped += 1
+        return d
+
+    async def run_item(self, index: int, item: Item) -> Digest:
+        d = self._already_done(index, item)
+        if d is not None:
             return d
         delays = iter(ITEM_RETRY_DELAYS)
         while True:

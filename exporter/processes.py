@@ -22,8 +22,10 @@ import errno
 import mmap
 import os
 import signal
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 
 from .. import errors
@@ -143,8 +145,7 @@ def _rebuild(kind: str, message: str, eno: int | None, filename: str | None) -> 
         except TypeError:
             pass
     if eno is not None:
-        exc = OSError(eno, os.strerror(eno), filename) if filename else OSError(eno, os.strerror(eno))
-        return exc
+        return OSError(eno, os.strerror(eno), filename) if filename else OSError(eno, os.strerror(eno))
     if kind in ("OSError", "ConnectionError", "TimeoutError"):
         return OSError(errno.EIO, message)
     return RuntimeError(f"export writer process: {kind}: {message}")
@@ -167,7 +168,7 @@ class WriterProcesses:
         me = os.getpid()
         try:
             for _ in range(n):
-                parent_end, child_end = _pipe()
+                parent_end, child_end = Pipe(duplex=True)
                 pid = os.fork()
                 if pid == 0:
                     parent_end.close()
@@ -258,8 +259,6 @@ class WriterProcesses:
 
 
 def _reap(pid: int, timeout: float = 30.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         done, _status = os.waitpid(pid, os.WNOHANG)
@@ -270,10 +269,3 @@ def _reap(pid: int, timeout: float = 30.0) -> None:
             os.waitpid(pid, 0)
             return
         time.sleep(0.01)
-
-
-def _pipe() -> tuple[Connection, Connection]:
-    from multiprocessing import Pipe
-
-    a, b = Pipe(duplex=True)
-    return a, b

@@ -243,7 +243,6 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
     from .audit import AuditWriter
     from .fs import KiwiFS
 
-    memory.limit_malloc_arenas()
     # worker threads decode trees and chunks while holding the GIL; a short switch interval
     # lets the trio thread answer the kernel within a fraction of a millisecond meanwhile
     sys.setswitchinterval(SWITCH_INTERVAL)
