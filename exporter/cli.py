@@ -33,7 +33,7 @@ def _dest_options(f):  # noqa: ANN001, ANN202
         click.option("--known-hosts", type=click.Path(dir_okay=False, exists=True),
                      help=_("SFTP known_hosts file (the host key is always checked).")),
         click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True,
-                     help=_("Objects in flight to S3 or SFTP (a local export writes with one thread).")),
+                     help=_("Objects in flight to S3 or SFTP (not used by a local export: one writer thread for tar and zip, one writer process per core for BagIt and tree).")),
         click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]),
                      default="auto", show_default=True,
                      help=_("Progress bar on a terminal, JSON lines on stderr otherwise.")),
