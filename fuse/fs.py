@@ -98,16 +98,6 @@ class FileHandle:
         self.ra_index = 0  # chunks before this index were already prefetched
 
 
-class DirHandle:
-    __slots__ = ("ino", "synth", "slot", "table")
-
-    def __init__(self, ino: int, synth: Synth | None, slot: int | None) -> None:
-        self.ino = ino
-        self.synth = synth
-        self.slot = slot
-        self.table: DirTable | None = None  # held while open: a listing never reloads midway
-
-
 def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Map every failure of a handler to an errno, so one bad request never ends the mount."""
 
@@ -135,6 +125,12 @@ def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
 
 
 class KiwiFS(pyfuse3.Operations):
+    # A directory's handle is its inode, so nothing is kept per open. pyfuse3 as built by
+    # scripts/setup.sh (scripts/patches/) then skips opendir and releasedir altogether, and
+    # the kernel keeps each listing in its cache: a second walk never reaches us. Stock
+    # pyfuse3 ignores this flag and still calls opendir.
+    skip_opendir = True
+
     def __init__(self, repo: Repository, layout: Layout, cache_bytes: int, audit: AuditWriter) -> None:
         super().__init__()
         self.repo = repo
@@ -149,7 +145,7 @@ class KiwiFS(pyfuse3.Operations):
         for s in self.synth.values():
             if s.slot is not None:  # set to the snapshot number by _build_synthetic
                 s.slot = self.inodes.add_dir(s.ino, s.parent, s.slot, self.snaps[s.slot].tree)
-        self.handles: dict[int, FileHandle | DirHandle] = {}
+        self.handles: dict[int, FileHandle] = {}
         self._next_fh = 1
         # directory tables get a third of the cache budget, decrypted chunks the rest
         self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
@@ -165,6 +161,7 @@ class KiwiFS(pyfuse3.Operations):
         self._audited = bytearray()  # bit per inode: opened (and recorded) in this session
         self._alerted: set[bytes] = set()
         self.opens = 0
+        self.listings = 0  # readdir requests: those the kernel answers from its cache never come
         self.bytes_read = 0
         self.reads = 0
         self.errors = 0
@@ -449,7 +446,7 @@ class KiwiFS(pyfuse3.Operations):
         return target
 
     # -- directories ---------------------------------------------------------------------------
-    def _new_handle(self, h: FileHandle | DirHandle) -> int:
+    def _new_handle(self, h: FileHandle) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h
@@ -457,22 +454,27 @@ class KiwiFS(pyfuse3.Operations):
 
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self._listable(inode)
+        return inode
+
+    async def _listable(self, inode: int) -> Synth | int:
+        """The made-up directory INODE is, or the slot of the stored one (ENOTDIR if neither)."""
         s = self.synth.get(inode)
         if s is not None and s.slot is None:
             if s.target is not None:
                 raise FUSEError(errno.ENOTDIR)
-            return self._new_handle(DirHandle(inode, s, None))
-        return self._new_handle(DirHandle(inode, None, await self._dir_slot(inode)))
+            return s
+        return await self._dir_slot(inode)
 
     @guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        h = self.handles.get(fh)
-        if not isinstance(h, DirHandle):
-            raise FUSEError(errno.EBADF)
+        ino = fh  # see skip_opendir
+        self.listings += 1
         reply = pyfuse3.readdir_reply
+        where = await self._listable(ino)
         # positions: 0 is ".", 1 is "..", entry i is i + 2; next_id is the position after
-        if h.synth is not None:
-            s = h.synth
+        if isinstance(where, Synth):
+            s = where
             if start_id == 0 and not reply(token, b".", self._synth_attr(s), 1):
                 return
             if start_id <= 1 and not reply(token, b"..", self._synth_attr(self.synth[s.parent]), 2):
@@ -481,13 +483,12 @@ class KiwiFS(pyfuse3.Operations):
                 if not reply(token, s.children[i].name, self._synth_attr(s.children[i]), i + 3):
                     return
             return
-        slot = h.slot
-        if h.table is None:
-            h.table = await self._table(slot)
-            self._prefetch_trees(h.table)
+        slot = where
+        t = await self._table(slot)
+        if start_id == 0 or slot not in self._listed:
+            self._prefetch_trees(t)
             self._listed.add(slot)  # the kernel now knows these entries' inodes
-        t = h.table
-        if start_id == 0 and not reply(token, b".", await self.getattr(h.ino), 1):
+        if start_id == 0 and not reply(token, b".", await self.getattr(ino), 1):
             return
         if start_id <= 1 and not reply(token, b"..", await self.getattr(self.inodes.parent(slot)), 2):
             return
@@ -503,9 +504,8 @@ class KiwiFS(pyfuse3.Operations):
             if not reply(token, names[i], fill(a, i, ino), i + 3):
                 return
 
-    @guarded
     async def releasedir(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        pass  # a directory handle holds nothing (see skip_opendir)
 
     # -- files ---------------------------------------------------------------------------------
     @guarded
@@ -729,7 +729,7 @@ class KiwiFS(pyfuse3.Operations):
     # -- statistics ------------------------------------------------------------------------------
     def summary(self) -> dict:
         st = self.chunks.stats if self.chunks else None
-        return {"opens": self.opens, "reads": self.reads, "bytes_read": self.bytes_read, "errors": self.errors,
+        return {"opens": self.opens, "listings": self.listings, "reads": self.reads, "bytes_read": self.bytes_read, "errors": self.errors,
                 "inodes": self.inodes.allocated,
                 "chunk_hits": st.hits if st else 0, "chunk_misses": st.misses if st else 0,
                 "chunks_prefetched": st.prefetched if st else 0, "pushed_bytes": st.pushed if st else 0}

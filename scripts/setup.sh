@@ -10,7 +10,7 @@ WITH_TEST=0
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-PKGS="python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev openssl"
+PKGS="python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev openssl patch"
 [ $WITH_TEST = 1 ] && PKGS="$PKGS rsync attr gettext libarchive-tools unzip zip openssh-server curl"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -39,6 +39,25 @@ if [ "$have" != "$hash-1" ] && [ "$have" != "$hash-$WITH_TEST" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e . >&2
   fi
   echo "$hash-$WITH_TEST" > $stamp
+fi
+# pyfuse3 from its PyPI source with scripts/patches/ applied: directories are then listed
+# without opendir/releasedir round trips and the kernel caches their listings (docs/MOUNT.md).
+# The mount works on stock pyfuse3 too, only slower to walk.
+PYFUSE3=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "skip_opendir"))' 2>/dev/null; then
+  echo "[setup] building pyfuse3 $PYFUSE3 with scripts/patches/" >&2
+  build=$(mktemp -d)
+  trap 'rm -rf "$build"' EXIT
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    -d "$build" "pyfuse3==$PYFUSE3" >&2
+  echo "$PYFUSE3_SHA256  $build/pyfuse3-$PYFUSE3.tar.gz" | sha256sum -c --quiet
+  tar xzf "$build/pyfuse3-$PYFUSE3.tar.gz" -C "$build"
+  for p in scripts/patches/pyfuse3-$PYFUSE3-*.patch; do
+    patch -s -d "$build/pyfuse3-$PYFUSE3" -p1 < "$p"
+  done
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall \
+    "$build/pyfuse3-$PYFUSE3" >&2
 fi
 # the editable install leaves our modules uncompiled; where PYTHONDONTWRITEBYTECODE is set
 # (as on these machines) every command would compile them again (~0.1 s of each start)

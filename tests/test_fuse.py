@@ -493,6 +493,34 @@ def test_session_audit_and_sigterm_in_foreground(contract: str, site: Site, tmp_
     assert run_cli("audit", "verify").returncode == 0
 
 
+def test_the_kernel_keeps_listings_so_a_second_walk_never_reaches_the_mount(contract: str, site: Site,
+                                                                             tmp_path: Path) -> None:
+    """pyfuse3 as setup.sh builds it skips opendir: the kernel caches each listing, and a
+    directory listed again (find, ls, a second rsync) costs the mount no request."""
+    src = tmp_path / "src"
+    (src / "many").mkdir(parents=True)
+    for i in range(3000):  # a listing of several readdir requests
+        (src / "many" / f"entry-{i:05d}.txt").write_bytes(b"")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    rec = site.contract(contract)
+    want = sorted(f"entry-{i:05d}.txt" for i in range(3000))
+
+    def session(walks: int) -> int:
+        mnt = tmp_path / f"mnt{walks}"
+        pid = mount(mnt)
+        try:
+            d = mnt / "pc1" / "latest" / str(src).lstrip("/") / "many"
+            for _ in range(walks):
+                assert sorted(os.listdir(d)) == want
+                assert sum(1 for _ in os.scandir(d)) == 3000
+        finally:
+            umount(mnt, pid)
+        ends = [r for r in site.audit.records() if r.get("contract") == rec.id and r["action"] == "mount.end"]
+        return ends[-1]["details"]["listings"]
+
+    once = session(1)
+    assert once >= 3  # the root, machine, snapshot and path directories, then several for "many"
+    assert session(5) == once
 def test_umount_clears_a_mount_whose_process_died(contract: str, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
