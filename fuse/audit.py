@@ -94,9 +94,13 @@ class AuditWriter:
                 self._guard(self._append, "alert.integrity", "detected", details, sealed)
 
     def _drain(self) -> None:
-        while self._retry or self._opened:
+        # only the files opened so far: chasing the ones that arrive while a record is being
+        # fsynced wrote a record per dozen files when a reader is fast (tar, rsync)
+        pending = len(self._opened)
+        while self._retry or pending:
             batch = self._retry or []
-            while self._opened and len(batch) < BATCH_FILES:
+            while pending and len(batch) < BATCH_FILES:
+                pending -= 1
                 snapshot, path = self._opened.popleft()
                 entry = [snapshot, path_text(path)]
                 if "\\x" in entry[1]:
