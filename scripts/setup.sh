@@ -40,12 +40,16 @@ if [ "$have" != "$hash-1" ] && [ "$have" != "$hash-$WITH_TEST" ]; then
   fi
   echo "$hash-$WITH_TEST" > $stamp
 fi
-# pyfuse3 from its PyPI source with scripts/patches/ applied: directories are then listed
-# without opendir/releasedir round trips and the kernel caches their listings (docs/MOUNT.md).
-# The mount works on stock pyfuse3 too, only slower to walk.
+# pyfuse3 from its PyPI source with scripts/patches/ applied: directories are listed without
+# opendir/releasedir round trips and the kernel caches their listings, and queued requests
+# are served without a scheduler round trip each (docs/MOUNT.md). The mount works on stock
+# pyfuse3 too, only slower. A stamp records which patches the installed build carries.
 PYFUSE3=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "skip_opendir"))' 2>/dev/null; then
+pstamp=.venv/.kiwi-pyfuse3
+patches=$(cat scripts/patches/pyfuse3-$PYFUSE3-*.patch | sha256sum | cut -c1-16)
+if [ "$(cat $pstamp 2>/dev/null)" != "$patches" ] ||
+   ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "skip_opendir"))' 2>/dev/null; then
   echo "[setup] building pyfuse3 $PYFUSE3 with scripts/patches/" >&2
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT
@@ -58,6 +62,7 @@ if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Oper
   done
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall \
     "$build/pyfuse3-$PYFUSE3" >&2
+  echo "$patches" > $pstamp
 fi
 # the editable install leaves our modules uncompiled; where PYTHONDONTWRITEBYTECODE is set
 # (as on these machines) every command would compile them again (~0.1 s of each start)
