@@ -42,15 +42,16 @@ class FetchProfile:
     max_readahead: int  # how far ahead of a sequential reader
     sibling_bytes: int  # how far ahead in a directory small files are prefetched
     sibling_files: int
+    walk_ahead: bool  # ... and on into subdirectories and past the directory's end
 
 
 LOCAL = FetchProfile(merge_gap=256 << 10, prefetchers=2, job_bytes=2 << 20, sequential_job_bytes=2 << 20,
-                     max_readahead=16 << 20, sibling_bytes=4 << 20, sibling_files=128)
+                     max_readahead=16 << 20, sibling_bytes=4 << 20, sibling_files=128, walk_ahead=False)
 # A remote store (S3) answers in milliseconds: reading through a 1 MiB gap costs less than
-# another request, more in flight hides the latency, and fewer, larger GETs cost less CPU
-# per byte.
+# another request, more in flight hides the latency, fewer, larger GETs cost less CPU per
+# byte, and a walk's next directories are fetched before it gets there.
 REMOTE = FetchProfile(merge_gap=1 << 20, prefetchers=4, job_bytes=4 << 20, sequential_job_bytes=8 << 20,
-                      max_readahead=48 << 20, sibling_bytes=16 << 20, sibling_files=512)
+                      max_readahead=48 << 20, sibling_bytes=16 << 20, sibling_files=512, walk_ahead=True)
 
 
 def fetch_profile(repo: Repository) -> FetchProfile:

@@ -539,7 +539,12 @@ class KiwiFS(pyfuse3.Operations):
     def _prefetch_siblings(self, slot: int, index: int, t: DirTable) -> None:
         """Fetch this small file and the small files after it in the directory, grouped by
         pack: tar, cp and rsync read a directory's files in its order. When the kernel
-        knows them (the directory was listed), their data goes into its page cache."""
+        knows them (the directory was listed), their data goes into its page cache.
+
+        From a remote store, where each fetch waits a round trip, the walk is followed
+        further: into the subdirectories met on the way and, past the directory's end,
+        on to what follows it in its parents, so that a walk does not stop for a round
+        trip at every directory it enters or leaves."""
         start, horizon = self._horizon.get(slot, (0, 0))
         if start <= index < horizon - self.profile.sibling_files // 2:
             return  # well inside what was fetched last time
@@ -547,30 +552,89 @@ class KiwiFS(pyfuse3.Operations):
             horizon = index  # another pass, or a jump: start over from here
         want: list[tuple[bytes, int]] = []
         pushes: list[tuple[int, int, bytes, bool]] = []
-        listed = slot in self._listed
-        first = self.inodes.first_child(slot, len(t))
-        snap = self.inodes.snap(slot)
+        here = slot if slot in self._listed else None
+        budget = self.profile.sibling_bytes
+        walk = self.profile.walk_ahead
         total = 0
-        j = max(index, horizon)
+        j = first = max(index, horizon)
         end = min(len(t), j + self.profile.sibling_files)
-        while j < end and total < self.profile.sibling_bytes:
+        while j < end and total < budget:
             if t.is_file(j) and t.size[j] <= SMALL_FILE:
-                ino = first + j
-                if t.hardlink[j]:
-                    ino = self.inodes.hardlink(snap, t.hardlink[j], ino)
-                off = 0
-                chunks = t.chunks(j)
-                whole = len(chunks) == 1  # the chunk is the whole file: pushed, it leaves our cache
-                for cid, size in chunks:
-                    if cid is not None:
-                        want.append((cid, size))
-                        if listed:
-                            pushes.append((ino, off, cid, whole))
-                        total += size
-                    off += size
+                total += self._want_file(t, j, here, want, pushes)
+            elif walk and t.is_dir(j):
+                total += self._want_subtree(self.tables.get(t.subtrees[j]), 0, budget - total, want, depth=2)
             j += 1
+        if walk and first < len(t) <= j and total < budget:  # reached the end just now
+            self._want_after(slot, budget - total, want, pushes)
         self._horizon[slot] = (index, j)
         self.chunks.prefetch(self.nursery, want, pushes)
+
+    def _want_file(self, t: DirTable, i: int, slot: int | None, want: list[tuple[bytes, int]],
+                   pushes: list[tuple[int, int, bytes, bool]]) -> int:
+        """Queue the chunks of file I of T (pushed to the page cache too when SLOT, the
+        directory's, was listed: the kernel knows the file's inode). Returns their bytes."""
+        ino = 0
+        if slot is not None:
+            ino = self.inodes.first_child(slot, len(t)) + i
+            if t.hardlink[i]:
+                ino = self.inodes.hardlink(self.inodes.snap(slot), t.hardlink[i], ino)
+        chunks = t.chunks(i)
+        whole = len(chunks) == 1  # the chunk is the whole file: pushed, it leaves our cache
+        off = total = 0
+        for cid, size in chunks:
+            if cid is not None:
+                want.append((cid, size))
+                if ino:
+                    pushes.append((ino, off, cid, whole))
+                total += size
+            off += size
+        return total
+
+    def _want_subtree(self, t: DirTable | None, start: int, budget: int, want: list[tuple[bytes, int]],
+                      depth: int) -> int:
+        """Queue the small files a depth-first walk meets in T from entry START (and in the
+        subdirectories whose tree is loaded, DEPTH levels down), up to BUDGET bytes. Fetched
+        into our cache only: the kernel has not seen these files yet."""
+        total = 0
+        if t is None:
+            return 0
+        no_pushes: list[tuple[int, int, bytes, bool]] = []
+        for i in range(start, len(t)):
+            if total >= budget:
+                break
+            if t.is_file(i) and t.size[i] <= SMALL_FILE:
+                total += self._want_file(t, i, None, want, no_pushes)
+            elif depth and t.is_dir(i):
+                total += self._want_subtree(self.tables.get(t.subtrees[i]), 0, budget - total, want, depth - 1)
+        return total
+
+    def _want_after(self, slot: int, budget: int, want: list[tuple[bytes, int]],
+                    pushes: list[tuple[int, int, bytes, bool]]) -> None:
+        """Queue what a walk meets once done with the directory in SLOT: the entries after
+        it in its parent (pushed: the parent was listed), then in the grandparent."""
+        for _level in range(2):
+            loc = self.inodes.locate(self.inodes.dir_inode(slot))
+            if loc is None:
+                return  # a snapshot's root
+            pslot, pindex = loc
+            pt = self._recent.get(pslot) or self.tables.get(self.inodes.tree(pslot))
+            if pt is None:
+                return
+            listed = pslot if pslot in self._listed else None
+            # the parent's own prefetch may have got past this directory already (its
+            # files were pushed and left our cache): go on from where it stopped
+            pstart, phorizon = self._horizon.get(pslot, (pindex, pindex + 1))
+            i = max(pindex + 1, phorizon)
+            while i < len(pt) and budget > 0:
+                if pt.is_file(i) and pt.size[i] <= SMALL_FILE:
+                    budget -= self._want_file(pt, i, listed, want, pushes)
+                elif pt.is_dir(i):
+                    budget -= self._want_subtree(self.tables.get(pt.subtrees[i]), 0, budget, want, depth=1)
+                i += 1
+            self._horizon[pslot] = (min(pstart, pindex), i)
+            if i < len(pt):
+                return
+            slot = pslot
 
     def _readahead(self, h: FileHandle, pos: int) -> None:
         """Prefetch the chunks of a sequentially read file up to its window past POS."""
