@@ -793,7 +793,8 @@ class KiwiFS(pyfuse3.Operations):
     # -- statistics ------------------------------------------------------------------------------
     def summary(self) -> dict:
         st = self.chunks.stats if self.chunks else None
-        return {"opens": self.opens, "listings": self.listings, "reads": self.reads, "bytes_read": self.bytes_read, "errors": self.errors,
+        return {"opens": self.opens, "listings": self.listings, "reads": self.reads,
+                "bytes_read": self.bytes_read, "errors": self.errors,
                 "inodes": self.inodes.allocated,
                 "chunk_hits": st.hits if st else 0, "chunk_misses": st.misses if st else 0,
                 "chunks_prefetched": st.prefetched if st else 0, "pushed_bytes": st.pushed if st else 0}
