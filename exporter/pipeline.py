@@ -160,6 +160,33 @@ class HashSink:
             self._h512_fut = None
 
 
+def write_local_object(dest: Destination, key: str, fill: Callable[[HashSink], None], sha512: bool,
+                       progress: Progress, hasher: Executor | None = None) -> Digest:
+    """One object to a local destination, as FILL writes it into a HashSink: a temporary file
+    renamed into place, so a failure leaves nothing under KEY (and takes back the bytes it had
+    counted in PROGRESS). Used by the writer thread and by the forked writers."""
+    w = dest.sync_writer(key)
+    sink = HashSink(w.write, sha512, progress, copy=False, hasher=hasher)
+    try:
+        fill(sink)
+        d = sink.close()
+        w.commit()
+    except BaseException:
+        sink.abandon()
+        w.abort()
+        progress.add(0, -sink.reported)
+        raise
+    return d
+
+
+def ticket_filler(pf: Prefetcher, ticket: Ticket) -> Callable[[HashSink], None]:
+    """A write_local_object FILL that copies a file's content from the read-ahead."""
+    def fill(sink: HashSink) -> None:
+        for data in pf.content(ticket):
+            sink.write(data)
+    return fill
+
+
 class _Aborted(Exception):
     pass
 
@@ -429,21 +456,8 @@ class Engine:
                 raise
 
     def _write_local(self, index: int, item: Item, pf: Prefetcher, ticket: Ticket | None) -> None:
-        w = self.dest.sync_writer(item.key)
-        sink = HashSink(w.write, self.sha512, self.progress, copy=False, hasher=self.hasher)
-        try:
-            if ticket is not None:
-                for data in pf.content(ticket):
-                    sink.write(data)
-            else:
-                item.produce(sink)
-            d = sink.close()
-            w.commit()
-        except BaseException:
-            sink.abandon()
-            w.abort()
-            self.progress.add(0, -sink.reported)
-            raise
+        fill = ticket_filler(pf, ticket) if ticket is not None else item.produce
+        d = write_local_object(self.dest, item.key, fill, self.sha512, self.progress, self.hasher)
         self.journal.mark_done(index, d)
         self.progress.add(item.files, 0)
         with self._count_lock:

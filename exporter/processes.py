@@ -17,7 +17,6 @@ rerun right after a kill -9 finds the lock free.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -28,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 
-from .. import errors
+from .. import errors, memory
 from ..repository import Repository
 from ..tree import Node
 from .destinations import LocalDestination
@@ -64,15 +63,16 @@ class _ChildProgress:
 
 
 def _die_with_parent(parent: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc = memory.libc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
 
 def _child(conn: Connection, repo: Repository, root: str, journal: Journal, sha512: bool, readers: int,
            stop: mmap.mmap) -> None:
-    from .pipeline import HashSink
+    from .pipeline import ticket_filler, write_local_object
 
     progress = _ChildProgress(conn)
     pool = ThreadPoolExecutor(readers, thread_name_prefix="kiwi-export-read")
@@ -94,16 +94,7 @@ def _child(conn: Connection, repo: Repository, root: str, journal: Journal, sha5
             for index, key, ticket in pending.popleft():
                 if stop[0]:  # another writer failed: nothing more is written
                     return
-                w = dest.sync_writer(key)
-                sink = HashSink(w.write, sha512, progress, copy=False)
-                try:
-                    for data in pf.content(ticket):
-                        sink.write(data)
-                    d = sink.close()
-                    w.commit()
-                except BaseException:
-                    w.abort()
-                    raise
+                d = write_local_object(dest, key, ticket_filler(pf, ticket), sha512, progress)
                 journal.mark_done(index, d)
                 files += 1
                 nbytes += d.size

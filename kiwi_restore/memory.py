@@ -9,10 +9,12 @@ peaked at 214 MiB with the default arenas, 133 MiB with one).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 M_ARENA_MAX = -8
 
 
+@functools.cache
 def libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)

@@ -26,24 +26,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv" >&2
   python3 -m venv .venv
 fi
-# a stamp records what was installed; a test install also covers a plain one
-stamp=.venv/.kiwi-installed
-hash=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
-have=$(cat $stamp 2>/dev/null || true)
-if [ "$have" != "$hash-1" ] && [ "$have" != "$hash-$WITH_TEST" ]; then
-  echo "[setup] installing Python packages into .venv" >&2
-  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >&2
-  if [ $WITH_TEST = 1 ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >&2
-  else
-    .venv/bin/pip install -q --disable-pip-version-check -e . >&2
-  fi
-  echo "$hash-$WITH_TEST" > $stamp
-fi
-# pyfuse3 from its PyPI source with scripts/patches/ applied: directories are listed without
-# opendir/releasedir round trips and the kernel caches their listings, and queued requests
-# are served without a scheduler round trip each (docs/MOUNT.md). The mount works on stock
-# pyfuse3 too, only slower. A stamp records which patches the installed build carries.
+# pyfuse3 from its PyPI source with scripts/patches/ applied (what each patch does: its
+# header, and docs/MOUNT.md). The mount works on stock pyfuse3 too, only slower. Built before
+# the project is installed, which then finds pyfuse3 there instead of building it a second
+# time. A stamp records which patches the installed build carries.
 PYFUSE3=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pstamp=.venv/.kiwi-pyfuse3
@@ -63,6 +49,20 @@ if [ "$(cat $pstamp 2>/dev/null)" != "$patches" ] ||
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall \
     "$build/pyfuse3-$PYFUSE3" >&2
   echo "$patches" > $pstamp
+fi
+# a stamp records what was installed; a test install also covers a plain one
+stamp=.venv/.kiwi-installed
+hash=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+have=$(cat $stamp 2>/dev/null || true)
+if [ "$have" != "$hash-1" ] && [ "$have" != "$hash-$WITH_TEST" ]; then
+  echo "[setup] installing Python packages into .venv" >&2
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >&2
+  if [ $WITH_TEST = 1 ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >&2
+  else
+    .venv/bin/pip install -q --disable-pip-version-check -e . >&2
+  fi
+  echo "$hash-$WITH_TEST" > $stamp
 fi
 # the editable install leaves our modules uncompiled; where PYTHONDONTWRITEBYTECODE is set
 # (as on these machines) every command would compile them again (~0.1 s of each start)
