@@ -48,9 +48,10 @@ class FetchProfile:
 LOCAL = FetchProfile(merge_gap=256 << 10, prefetchers=2, job_bytes=2 << 20, sequential_job_bytes=2 << 20,
                      max_readahead=16 << 20, sibling_bytes=4 << 20, sibling_files=128, walk_ahead=False)
 # A remote store (S3) answers in milliseconds: reading through a 1 MiB gap costs less than
-# another request, more in flight hides the latency, fewer, larger GETs cost less CPU per
-# byte, and a walk's next directories are fetched before it gets there.
-REMOTE = FetchProfile(merge_gap=1 << 20, prefetchers=4, job_bytes=4 << 20, sequential_job_bytes=8 << 20,
+# another request, more in flight hides the latency, and a walk's next directories are
+# fetched before it gets there. A file read in order is fetched in 3 MiB jobs cut at pack
+# edges (measured on Ceph RGW: 8 MiB jobs, one at a time, were slower despite fewer GETs).
+REMOTE = FetchProfile(merge_gap=1 << 20, prefetchers=4, job_bytes=4 << 20, sequential_job_bytes=3 << 20,
                       max_readahead=48 << 20, sibling_bytes=16 << 20, sibling_files=512, walk_ahead=True)
 
 
@@ -192,7 +193,15 @@ class ChunkStore:
         job: list[tuple[bytes, int]] = []
         size = 0
         job_bytes = self.profile.sequential_job_bytes if sequential else self.profile.job_bytes
+        pack = None
         for item in todo:
+            if sequential and self.repo.backend.remote:
+                # a file read in order crosses packs: a job per pack is a request per job
+                here = self._pack_of(item[0])
+                if job and here != pack:
+                    nursery.start_soon(self._prefetch, job, where, urgent)
+                    job, size = [], 0
+                pack = here
             job.append(item)
             size += item[1]
             if size >= job_bytes:
@@ -202,6 +211,12 @@ class ChunkStore:
             nursery.start_soon(self._prefetch, job, where, urgent)
         self.stats.prefetched += len(todo)
         return len(todo)
+
+    def _pack_of(self, chunk_id: bytes) -> bytes | None:
+        try:
+            return self.repo.locate(chunk_id).pack_id
+        except Exception:  # the read itself reports it
+            return None
 
     async def _prefetch(self, todo: list[tuple[bytes, int]],
                         where: dict[bytes, list[tuple[int, int, bool]]], urgent: bool = False) -> None:

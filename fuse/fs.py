@@ -150,9 +150,8 @@ class KiwiFS(pyfuse3.Operations):
         # directory tables get a third of the cache budget, decrypted chunks the rest
         self.tables = LRU(cache_bytes // 3, size_of=lambda t: t.nbytes)
         self.chunk_bytes = cache_bytes - cache_bytes // 3
-        # a sequential reader's prefetch window: what a few readers at once can hold in cache
         self.profile = fetch_profile(repo)
-        self.max_readahead = max(1 << 20, min(self.profile.max_readahead, self.chunk_bytes // 8))
+        self.sequential_readers = 0  # open files being read in order (their window is open)
         self._tree_loads: dict[bytes, _TreeLoad] = {}
         self._horizon: dict[int, tuple[int, int]] = {}  # dir slot -> files prefetched [start, end)
         self._dir_paths: dict[int, bytes] = {}
@@ -636,6 +635,12 @@ class KiwiFS(pyfuse3.Operations):
                 return
             slot = pslot
 
+    def _max_window(self) -> int:
+        """A sequential reader's readahead window: the readers at once share half the chunk
+        cache, so what one prefetches is still there when it gets to it."""
+        share = self.chunk_bytes // (2 * max(1, self.sequential_readers))
+        return max(1 << 20, min(self.profile.max_readahead, share))
+
     def _readahead(self, h: FileHandle, pos: int) -> None:
         """Prefetch the chunks of a sequentially read file up to its window past POS."""
         chunks = h.chunks
@@ -645,6 +650,10 @@ class KiwiFS(pyfuse3.Operations):
         target = pos + max(h.window, 1)
         j = max(h.ra_index, chunk_at(offsets, pos))
         if j >= len(chunks) or offsets[j] >= target:
+            return
+        if offsets[j] - pos >= h.window // 2:
+            # at least half the window is still on its way: refill later, in one batch.
+            # Topping up a chunk per read made one request per chunk (a GET each on S3)
             return
         want = []
         while j < len(chunks) and offsets[j] < target:
@@ -688,8 +697,12 @@ class KiwiFS(pyfuse3.Operations):
         offsets = h.offsets
         # sequential reads widen the readahead window; a seek closes it
         if off == h.next_off:
-            h.window = min(max(2 * h.window, 1 << 20), self.max_readahead)
+            if not h.window:
+                self.sequential_readers += 1
+            h.window = min(max(2 * h.window, 1 << 20), self._max_window())
         else:
+            if h.window:
+                self.sequential_readers -= 1
             h.window = 0
             h.ra_index = 0
         h.next_off = end
@@ -719,7 +732,9 @@ class KiwiFS(pyfuse3.Operations):
 
     @guarded
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
+        if isinstance(h, FileHandle) and h.window:
+            self.sequential_readers -= 1
 
     # -- extended attributes, statfs ---------------------------------------------------------
     @guarded
