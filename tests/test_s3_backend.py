@@ -51,6 +51,34 @@ def test_get_put_range_exists_delete(backend):
         backend.get("../escape")
 
 
+def test_reads_take_the_direct_path_and_errors_go_through_the_client(backend):
+    """GETs are signed and sent without the client's per-call machinery; anything but a plain
+    success is asked again through the client, which names the error (and the connection
+    that carried the error's body is not reused for the next read)."""
+    data = os.urandom(300_000)
+    backend.put("d/obj", data)
+    direct = backend._direct
+    assert direct is not None  # a path-style endpoint, as Ceph RGW and moto are here
+    before = direct.requests
+    assert backend.get_range("d/obj", 12_345, 100_000) == data[12_345:112_345]
+    assert backend.get("d/obj") == data
+    assert direct.requests == before + 2 and direct.fallbacks == 0
+    with pytest.raises(NotFound):
+        backend.get_range("d/missing", 0, 10)
+    with pytest.raises(BackendError, match="short read"):
+        backend.get_range("d/obj", 400_000, 10)
+    assert direct.fallbacks == 2
+    for _ in range(3):  # the pool still answers correctly after the refused reads
+        assert backend.get_range("d/obj", 0, 1000) == data[:1000]
+    assert direct.requests == before + 5
+
+
+def test_no_direct_path_where_the_client_must_find_the_url(s3_server, monkeypatch):
+    use_credentials(monkeypatch, s3_server)
+    assert open_backend(s3_url(s3_server, "b", "p", addressing="virtual"))._direct is None
+    assert open_backend("s3://b/p?region=eu-west-3")._direct is None  # AWS itself
+
+
 def test_put_never_overwrites(backend, s3_server):
     backend.put("k/config", b"first")
     with pytest.raises(ObjectExists):
