@@ -3,8 +3,5 @@ formats (BagIt, POSIX pax tar, ZIP64, plain tree), verified there, with a signed
 
 Usage and format choices: docs/EXPORT.md. Entry points: export.export_contract,
 export.verify_export, journal.purge_temporary (the nightly purge job calls it).
+Nothing is imported here: `kiwi-restore` loads this package for its commands' help only.
 """
-
-from .journal import purge_temporary
-
-__all__ = ["purge_temporary"]

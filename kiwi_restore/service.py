@@ -8,16 +8,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from .check import CheckReport, check
 from .errors import KiwiError, NotFound, PolicyError, UsageError
 from .i18n import _
-from .ingest import IngestStats, backup
 from .repository import Repository
-from .restore import Restorer, RestoreStats, lookup, split_path
 from .site import NAME_RE, ContractRecord, Site
 from .snapshot import Snapshot, resolve
-from .tree import TYPE_DIR, Node
+
+if TYPE_CHECKING:  # the heavy modules load with the command that needs them: a mount starts faster
+    from .check import CheckReport
+    from .ingest import IngestStats
+    from .restore import RestoreStats
+    from .tree import Node
 
 
 @contextmanager
@@ -109,6 +112,8 @@ def run_backup(site: Site, contract: str, machine: str, paths: list[str], tags: 
     if machine not in rec.machines:
         raise NotFound(_("machine {m!r} is not registered under contract {c!r} (kiwi-restore machine add {c} {m})")
                        .format(m=machine, c=contract))
+    from .ingest import backup
+
     bpaths = [os.fsencode(p) for p in paths]
     with audited(site, "backup", rec, {"machine": machine}, {"paths": [os.fsdecode(p) for p in bpaths]}, repo) as a:
         snap, stats = backup(repo, machine, bpaths, tags, time_ns or site.clock.now_ns(), progress)
@@ -128,6 +133,9 @@ def list_snapshots(site: Site, contract: str, machine: str | None = None) -> tup
 
 def list_path(site: Site, contract: str, spec: str | None, path: str | None, at: str | None,
               machine: str | None, recursive: bool = False) -> tuple[Snapshot, list[tuple[bytes, Node]]]:
+    from .restore import lookup, split_path
+    from .tree import TYPE_DIR
+
     rec, repo = open_contract(site, contract, "ls")
     with audited(site, "ls", rec, {}, {"path": path or "/"}, repo) as a:
         snap = resolve(repo.list_snapshots(), spec, at, machine)
@@ -147,6 +155,8 @@ def list_path(site: Site, contract: str, spec: str | None, path: str | None, at:
 def run_restore(site: Site, contract: str, spec: str | None, path: str | None, target: str,
                 at: str | None, machine: str | None, overwrite: bool,
                 progress: Callable[[int, int], None] | None = None) -> tuple[Snapshot, RestoreStats]:
+    from .restore import Restorer
+
     rec, repo = open_contract(site, contract, "restore")
     with audited(site, "restore", rec, {"overwrite": overwrite},
                  {"path": path or "/", "target": os.path.abspath(target)}, repo) as a:
@@ -159,6 +169,8 @@ def run_restore(site: Site, contract: str, spec: str | None, path: str | None, t
 
 def run_check(site: Site, contract: str, read_data: bool,
               progress: Callable[[int], None] | None = None) -> CheckReport:
+    from .check import check
+
     rec, repo = open_contract(site, contract)
     with audited(site, "check", rec, {"read_data": read_data}) as a:
         report = check(repo, read_data, progress)

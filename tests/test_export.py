@@ -18,7 +18,7 @@ from pathlib import Path
 import bagit
 import pytest
 from conftest import run_cli
-from kiwi_restore.exporter import purge_temporary
+from kiwi_restore.exporter.journal import purge_temporary
 from kiwi_restore.exporter.names import UnsafeKey, check_key, decode_component, encode_component
 from treegen import make_hostile_tree, rsync_diff
 
