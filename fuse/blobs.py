@@ -335,7 +335,7 @@ class ChunkStore:
 
     def _open(self, loc: BlobLocation, size: int, sealed: memoryview) -> tuple[bytes, bytes | None, Exception | None]:
         try:
-            data = self.repo.open_blob(loc, sealed)
+            data = self.repo.open_blob(loc, sealed, view=True)
             if len(data) != size:
                 raise IntegrityError(f"chunk {loc.blob_id.hex()}: {len(data)} bytes, the tree says {size}")
             return loc.blob_id, data, None

@@ -37,12 +37,14 @@ def compress(data: bytes | memoryview) -> bytes:
     return bytes([NONE]) + bytes(data)
 
 
-def decompress(data: bytes, expected_size: int | None, what: str) -> bytes:
+def decompress(data: bytes, expected_size: int | None, what: str, view: bool = False) -> bytes | memoryview:
+    """The payload of DATA. VIEW: a stored (uncompressed) payload comes back as a view of
+    DATA instead of a copy (the mount reads gigabytes of incompressible chunks)."""
     if not data:
         raise IntegrityError(f"{what}: empty payload")
     kind = data[0]
     if kind == NONE:
-        out = data[1:]
+        out = memoryview(data)[1:] if view else data[1:]
     elif kind == ZSTD:
         try:
             out = _decompressor().decompress(memoryview(data)[1:], max_output_size=expected_size or 0)

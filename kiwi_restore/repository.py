@@ -262,13 +262,15 @@ class Repository:
         except BackendError as exc:
             raise IntegrityError(f"pack {loc.pack_id.hex()}: {exc}") from None
 
-    def open_blob(self, loc: BlobLocation, sealed: bytes) -> bytes:
+    def open_blob(self, loc: BlobLocation, sealed: bytes | memoryview, view: bool = False) -> bytes | memoryview:
+        """Decrypt, authenticate and decompress the blob at LOC from its SEALED bytes (VIEW:
+        see compression.decompress)."""
         what = f"{KIND_NAMES[loc.kind]} {loc.blob_id.hex()} in pack {loc.pack_id.hex()}"
 
-        def verify(data: bytes) -> bytes:
+        def verify(data: bytes) -> bytes | memoryview:
             plain = open_sealed(self.keys.file_cipher(loc.pack_id), data,
                                 associated_data(self.keys.contract_id, loc.kind, loc.blob_id), what)
-            return compression.decompress(plain, loc.raw_length, what)
+            return compression.decompress(plain, loc.raw_length, what, view)
 
         # On an authentication failure a replicated backend re-reads the blob from another location.
         key = self.pack_key(loc.pack_id)
