@@ -41,6 +41,8 @@ NAME_MAX = 255
 
 SMALL_FILE = 1 << 20  # files up to this size are prefetched with their neighbours
 DIR_PATHS = 50_000  # directory paths remembered for the audit records
+# a read spanning chunks answers with their slices in turn (pyfuse3 patch 04), not a joined copy
+READ_REPLY_PARTS = getattr(pyfuse3, "READ_REPLY_PARTS", False)
 RECENT_TABLES = 8  # directories whose table is kept at hand (on top of the LRU)
 TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
 TREE_PREFETCH_DEPTH = 1  # ... and so many levels below it (each level multiplies the work)
@@ -676,7 +678,7 @@ class KiwiFS(pyfuse3.Operations):
             raise FUSEError(errno.EIO) from None
 
     @guarded
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview | tuple[bytes | memoryview, ...]:
         h = self.handles.get(fh)
         if not isinstance(h, FileHandle):
             raise FUSEError(errno.EBADF)
@@ -728,7 +730,9 @@ class KiwiFS(pyfuse3.Operations):
                 parts.append(data if lo == 0 and hi == csize else memoryview(data)[lo:hi])
             pos = start + hi
             i += 1
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(parts) if READ_REPLY_PARTS and len(parts) <= 64 else b"".join(parts)
 
     @guarded
     async def release(self, fh: int) -> None:

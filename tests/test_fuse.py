@@ -230,6 +230,15 @@ def test_metadata(hostile) -> None:
     assert st.f_namemax == 255 and st.f_bavail == 0
 
 
+def test_the_installed_pyfuse3_carries_the_patches() -> None:
+    """scripts/setup.sh builds pyfuse3 with scripts/patches/: without them the tests below
+    would only cover the slower paths (directory handles, joined read replies)."""
+    import pyfuse3
+
+    assert hasattr(pyfuse3.Operations, "skip_opendir"), "pyfuse3 lacks patch 01 (run scripts/setup.sh)"
+    assert getattr(pyfuse3, "READ_REPLY_PARTS", False), "pyfuse3 lacks patch 04 (run scripts/setup.sh)"
+
+
 def test_random_reads_across_chunk_boundaries(hostile) -> None:
     site, root = hostile["site"], hostile["root"]
     multi = hostile["multi"]
