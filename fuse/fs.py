@@ -43,6 +43,7 @@ SMALL_FILE = 1 << 20  # files up to this size are prefetched with their neighbou
 DIR_PATHS = 50_000  # directory paths remembered for the audit records
 # a read spanning chunks answers with their slices in turn (pyfuse3 patch 04), not a joined copy
 READ_REPLY_PARTS = getattr(pyfuse3, "READ_REPLY_PARTS", False)
+PACK_TAIL = 8 << 20  # at most this much past the window to finish a pack
 RECENT_TABLES = 8  # directories whose table is kept at hand (on top of the LRU)
 TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
 TREE_PREFETCH_DEPTH = 1  # ... and so many levels below it (each level multiplies the work)
@@ -662,6 +663,19 @@ class KiwiFS(pyfuse3.Operations):
             if chunks[j][0] is not None:
                 want.append(chunks[j])
             j += 1
+        if self.profile.pack_reads and want:
+            # a GET costs the server and us more than its bytes: go on past the window while
+            # the file's chunks stay in the packs already asked for, so that each pack is
+            # fetched in one request rather than in one per refill
+            packs = {self.chunks.pack_of(cid) for cid, _ in want}
+            extra = 0
+            while j < len(chunks) and extra < PACK_TAIL:
+                cid = chunks[j][0]
+                if cid is None or self.chunks.pack_of(cid) not in packs:
+                    break
+                want.append(chunks[j])
+                extra += chunks[j][1]
+                j += 1
         h.ra_index = j
         # no page cache push here: chunk edges rarely fall on page boundaries, so the
         # kernel would still ask for those pages; large READs cost little per byte anyway
