@@ -68,18 +68,18 @@ class ChunkCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+        self._d: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()  # worker threads read it too
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> bytes | memoryview | None:
         with self._lock:
             v = self._d.get(key)
             if v is not None:
                 self._d.move_to_end(key)
             return v
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, key: bytes, value: bytes | memoryview) -> None:
         if len(value) > self.max_bytes:
             return
         with self._lock:
@@ -195,6 +195,7 @@ class ChunkStore:
         # several modest jobs rather than one big one: they run side by side, and each
         # hands its chunks over as soon as it is done
         job_bytes = self.profile.sequential_job_bytes if sequential else self.profile.job_bytes
+        job_bytes = min(job_bytes, max(1 << 20, self.cache_bytes // 4))  # a small cache keeps its jobs small
         groups: list[list[tuple[bytes, int]]] = [todo]
         if sequential and self.profile.pack_reads:
             # the backup spreads a file's chunks over the packs it fills side by side: one

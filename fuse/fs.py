@@ -43,7 +43,7 @@ SMALL_FILE = 1 << 20  # files up to this size are prefetched with their neighbou
 DIR_PATHS = 50_000  # directory paths remembered for the audit records
 # a read spanning chunks answers with their slices in turn (pyfuse3 patch 04), not a joined copy
 READ_REPLY_PARTS = getattr(pyfuse3, "READ_REPLY_PARTS", False)
-PACK_TAIL = 8 << 20  # at most this much past the window to finish a pack
+PACK_TAIL = 8 << 20  # at most this much (and half the window) past the window to finish a pack
 RECENT_TABLES = 8  # directories whose table is kept at hand (on top of the LRU)
 TREE_PREFETCH = 64  # subdirectory trees loaded ahead when a directory is listed
 TREE_PREFETCH_DEPTH = 1  # ... and so many levels below it (each level multiplies the work)
@@ -669,7 +669,8 @@ class KiwiFS(pyfuse3.Operations):
             # fetched in one request rather than in one per refill
             packs = {self.chunks.pack_of(cid) for cid, _ in want}
             extra = 0
-            while j < len(chunks) and extra < PACK_TAIL:
+            tail = min(PACK_TAIL, h.window // 2)  # within what the readers' share of the cache holds
+            while j < len(chunks) and extra < tail:
                 cid = chunks[j][0]
                 if cid is None or self.chunks.pack_of(cid) not in packs:
                     break
@@ -681,7 +682,7 @@ class KiwiFS(pyfuse3.Operations):
         # kernel would still ask for those pages; large READs cost little per byte anyway
         self.chunks.prefetch(self.nursery, want, sequential=True)
 
-    async def _chunk(self, h: FileHandle, cid: bytes, size: int) -> bytes:
+    async def _chunk(self, h: FileHandle, cid: bytes, size: int) -> bytes | memoryview:
         data = self.chunks.cached(cid)
         if data is not None:
             return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 from test_s3_support import bucket_name, destroy_bucket, s3_url, use_credentials, write_credentials
@@ -215,10 +216,16 @@ def test_url_validation():
     open_backend("s3://b/p?endpoint=http://[::1]:7480")
 
 
-def test_unreachable_endpoint_fails_clearly():
+def test_unreachable_endpoint_fails_clearly(monkeypatch):
+    use_credentials(monkeypatch, {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"})
     b = open_backend(f"s3://b/p?endpoint=http://127.0.0.1:{_closed_port()}&max_attempts=2&connect_timeout=1")
     with pytest.raises(BackendError, match="failed after 2 attempts"):
         b.get("x")
+    # the direct path tried once, then stands aside: the client's retries alone meet the outage
+    assert b._direct.fallbacks == 1 and b._direct._paused_until > time.monotonic()
+    with pytest.raises(BackendError, match="failed after 2 attempts"):
+        b.get_range("x", 0, 10)
+    assert b._direct.fallbacks == 1
 
 
 def _closed_port() -> int:

@@ -27,6 +27,7 @@ import hashlib
 import ipaddress
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -439,6 +440,8 @@ class _DirectGet:
     path-style endpoints (Ceph RGW, MinIO...), where the object's URL is known without the
     endpoint rules."""
 
+    PAUSE = 30.0  # after a connection error, this long through the client only
+
     def __init__(self, base_url: str, credentials: Any, region: str, http: Any) -> None:
         self.base_url = base_url
         self.credentials = credentials
@@ -446,6 +449,9 @@ class _DirectGet:
         self.http = http
         self.requests = 0  # answered here (tests check the path is taken)
         self.fallbacks = 0  # handed back to the client
+        # a server that is down or stalls would otherwise cost a timeout here before every
+        # request the client then retries with its own backoff
+        self._paused_until = 0.0
 
     @classmethod
     def create(cls, session: Any, client: Any, endpoint: str | None, bucket: str, addressing: str | None,
@@ -460,8 +466,12 @@ class _DirectGet:
             credentials = session.get_credentials()
             if credentials is None:
                 return None
+            from urllib3.connection import HTTPConnection
+
             http = URLLib3Session(verify=ca_bundle if ca_bundle else True, proxies=get_environ_proxies(endpoint),
-                                  timeout=(connect_timeout, read_timeout), max_pool_connections=max_connections)
+                                  timeout=(connect_timeout, read_timeout), max_pool_connections=max_connections,
+                                  socket_options=[*HTTPConnection.default_socket_options,
+                                                  (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)])
         except Exception as exc:  # an older or newer botocore: the client alone is slower, not wrong
             log.debug("direct GET unavailable: %s", exc)
             return None
@@ -469,6 +479,8 @@ class _DirectGet:
                    client.meta.region_name, http)
 
     def get(self, skey: str, byte_range: str | None) -> bytes | None:
+        if self._paused_until and time.monotonic() < self._paused_until:
+            return None
         req = AWSRequest(method="GET", url=self.base_url + quote(skey, safe="/~"),
                          headers={"Range": byte_range} if byte_range else {})
         try:
@@ -476,8 +488,9 @@ class _DirectGet:
             prepared = req.prepare()
             prepared.stream_output = True
             resp = self.http.send(prepared)
-        except Exception as exc:
+        except Exception as exc:  # no answer at all: let the client and its retries handle it
             log.debug("direct GET %s: %s", skey, exc)
+            self._paused_until = time.monotonic() + self.PAUSE
             self.fallbacks += 1
             return None
         raw = resp.raw
@@ -490,6 +503,7 @@ class _DirectGet:
                     data = None
         except Exception as exc:  # body cut mid-stream: the client retries
             log.debug("direct GET %s: %s", skey, exc)
+            self._paused_until = time.monotonic() + self.PAUSE
             data = None
         if data is None:
             raw.close()  # an unread or broken body: this connection is not reused
