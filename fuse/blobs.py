@@ -169,14 +169,15 @@ class ChunkStore:
 
     def prefetch(self, nursery: trio.Nursery, chunks: Iterable[tuple[bytes, int]],
                  pushes: Iterable[tuple[int, int, bytes, bool]] = (), urgent: bool = False,
-                 sequential: bool = False) -> int:
+                 sequential: bool = False, packs: dict[bytes, bytes | None] | None = None) -> int:
         """Start fetching CHUNKS (id, size) not cached nor in flight; returns how many.
 
         PUSHES (inode, offset, chunk id, whole file) are then written into the kernel's
         page cache (FUSE notify_store), so the reads that follow need no request at all.
         A chunk that is a whole file and was pushed leaves this cache: the kernel has it.
         URGENT: a read waits for these, so they go through the readers' limiter.
-        SEQUENTIAL: chunks of a file read in order (larger jobs from a remote store)."""
+        SEQUENTIAL: chunks of a file read in order (larger jobs from a remote store).
+        PACKS (chunk id -> pack id): one job per pack, however the chunks alternate."""
         todo = []
         for cid, size in chunks:
             if cid is not None and self.wanted(cid):
@@ -197,12 +198,10 @@ class ChunkStore:
         job_bytes = self.profile.sequential_job_bytes if sequential else self.profile.job_bytes
         job_bytes = min(job_bytes, max(1 << 20, self.cache_bytes // 4))  # a small cache keeps its jobs small
         groups: list[list[tuple[bytes, int]]] = [todo]
-        if sequential and self.profile.pack_reads:
-            # the backup spreads a file's chunks over the packs it fills side by side: one
-            # job per pack, so that each is one request however the chunks alternate
+        if packs is not None:
             by_pack: dict[bytes | None, list[tuple[bytes, int]]] = {}
             for item in todo:
-                by_pack.setdefault(self.pack_of(item[0]), []).append(item)
+                by_pack.setdefault(packs.get(item[0]), []).append(item)
             groups = list(by_pack.values())
         for group in groups:
             job: list[tuple[bytes, int]] = []

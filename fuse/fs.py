@@ -663,24 +663,28 @@ class KiwiFS(pyfuse3.Operations):
             if chunks[j][0] is not None:
                 want.append(chunks[j])
             j += 1
+        packs = None
         if self.profile.pack_reads and want:
-            # a GET costs the server and us more than its bytes: go on past the window while
-            # the file's chunks stay in the packs already asked for, so that each pack is
-            # fetched in one request rather than in one per refill
-            packs = {self.chunks.pack_of(cid) for cid, _ in want}
+            # the backup spreads a file's chunks over the packs it fills side by side, and a
+            # GET costs the server and us more than its bytes: the batch is fetched a pack per
+            # request, and goes on past the window while the chunks stay in those packs
+            packs = {cid: self.chunks.pack_of(cid) for cid, _ in want}
+            asked = set(packs.values())
             extra = 0
             tail = min(PACK_TAIL, h.window // 2)  # within what the readers' share of the cache holds
             while j < len(chunks) and extra < tail:
                 cid = chunks[j][0]
-                if cid is None or self.chunks.pack_of(cid) not in packs:
+                pack = self.chunks.pack_of(cid) if cid is not None else None
+                if pack is None or pack not in asked:
                     break
+                packs[cid] = pack
                 want.append(chunks[j])
                 extra += chunks[j][1]
                 j += 1
         h.ra_index = j
         # no page cache push here: chunk edges rarely fall on page boundaries, so the
         # kernel would still ask for those pages; large READs cost little per byte anyway
-        self.chunks.prefetch(self.nursery, want, sequential=True)
+        self.chunks.prefetch(self.nursery, want, sequential=True, packs=packs)
 
     async def _chunk(self, h: FileHandle, cid: bytes, size: int) -> bytes | memoryview:
         data = self.chunks.cached(cid)

@@ -462,12 +462,11 @@ class _DirectGet:
         try:
             from botocore.httpsession import URLLib3Session
             from botocore.utils import get_environ_proxies
+            from urllib3.connection import HTTPConnection
 
             credentials = session.get_credentials()
             if credentials is None:
                 return None
-            from urllib3.connection import HTTPConnection
-
             http = URLLib3Session(verify=ca_bundle if ca_bundle else True, proxies=get_environ_proxies(endpoint),
                                   timeout=(connect_timeout, read_timeout), max_pool_connections=max_connections,
                                   socket_options=[*HTTPConnection.default_socket_options,
