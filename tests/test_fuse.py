@@ -152,6 +152,8 @@ def make_hostile_tree(root: Path) -> dict:
             os.utime(p, ns=(1_600_000_000_123_456_789, 1_600_000_000_000_000_000 + rng.randrange(10**15)),
                      follow_symlinks=False)
     os.utime(r, ns=(1_600_000_000_000_000_000, 1_650_000_000_987_654_321))
+    # before 1970: negative nanoseconds, whose split into seconds and nanoseconds must floor
+    os.utime(files + b"/setuid", ns=(-1_234_567_891, -86_400_000_000_001), follow_symlinks=False)
     return {"multi": multi, "text": text}
 
 
@@ -197,6 +199,15 @@ def test_rsync_finds_no_difference(hostile) -> None:
 def test_metadata(hostile) -> None:
     src, root, mnt = hostile["src"], hostile["root"], hostile["mnt"]
     files = root / "files"
+    # what a listing gives (READDIRPLUS, filled from the table's columns) and a lookup
+    # gives equals the source, a time before 1970 included
+    listed = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(files)}
+    for name in ("setuid", "multi-chunk.bin", "owned", "null-device", "sparse.img", "rel-link"):
+        s = os.lstat(src / "files" / name)
+        for m in (listed[name], os.lstat(files / name)):
+            assert ((m.st_mtime_ns, m.st_mode, m.st_uid, m.st_gid, m.st_size, m.st_rdev, m.st_nlink)
+                    == (s.st_mtime_ns, s.st_mode, s.st_uid, s.st_gid, s.st_size, s.st_rdev, s.st_nlink)), name
+    assert listed["setuid"].st_mtime_ns == -86_400_000_000_001
     a, b = os.stat(files / "multi-chunk.bin"), os.stat(root / "other" / "hardlink-2")
     assert a.st_ino == b.st_ino == os.stat(files / "hardlink-1").st_ino
     assert a.st_nlink == b.st_nlink == 3
@@ -237,6 +248,7 @@ def test_the_installed_pyfuse3_carries_the_patches() -> None:
 
     assert hasattr(pyfuse3.Operations, "skip_opendir"), "pyfuse3 lacks patch 01 (run scripts/setup.sh)"
     assert getattr(pyfuse3, "READ_REPLY_PARTS", False), "pyfuse3 lacks patch 04 (run scripts/setup.sh)"
+    assert getattr(pyfuse3, "READDIR_REPLY_COLUMNS", False), "pyfuse3 lacks patch 05 (run scripts/setup.sh)"
 
 
 def test_random_reads_across_chunk_boundaries(hostile) -> None:
