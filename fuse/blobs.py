@@ -40,7 +40,6 @@ class FetchProfile:
     job_bytes: int  # plaintext bytes one prefetch job fetches (small files of a directory)
     sequential_job_bytes: int  # ... for a file read in order
     max_readahead: int  # how far ahead of a sequential reader
-    readahead_share: float  # part of the chunk cache the sequential readers' windows share
     sibling_bytes: int  # how far ahead in a directory small files are prefetched
     sibling_files: int
     walk_ahead: bool  # ... and on into subdirectories and past the directory's end
@@ -48,19 +47,16 @@ class FetchProfile:
 
 
 LOCAL = FetchProfile(merge_gap=256 << 10, prefetchers=2, job_bytes=2 << 20, sequential_job_bytes=2 << 20,
-                     max_readahead=16 << 20, readahead_share=0.5, sibling_bytes=4 << 20, sibling_files=128,
-                     walk_ahead=False, pack_reads=False)
+                     max_readahead=16 << 20, sibling_bytes=4 << 20, sibling_files=128, walk_ahead=False,
+                     pack_reads=False)
 # A remote store (S3) answers in milliseconds: reading through a 1 MiB gap costs less than
 # another request, more in flight hides the latency, and a walk's next directories are
 # fetched before it gets there. A file read in order is fetched a pack per request: each GET
 # costs Ceph RGW about 2.6 ms of CPU and us 1 ms besides its bytes (186 GETs per GiB instead
 # of 619 with 3 MiB jobs: 1 GiB in 2.2 + 2.9 CPU seconds, client + server, instead of 3 + 3.7).
-# Its readers get three quarters of the cache: the wider window keeps more GETs in flight
-# (1 GiB read in order over Ceph RGW, interleaved runs: median 394 MB/s against 358 with
-# half; 8 jobs at once instead of 4 made no difference, so 4 it stays).
 REMOTE = FetchProfile(merge_gap=1 << 20, prefetchers=4, job_bytes=4 << 20, sequential_job_bytes=16 << 20,
-                      max_readahead=48 << 20, readahead_share=0.75, sibling_bytes=16 << 20, sibling_files=512,
-                      walk_ahead=True, pack_reads=True)
+                      max_readahead=48 << 20, sibling_bytes=16 << 20, sibling_files=512, walk_ahead=True,
+                      pack_reads=True)
 
 
 def fetch_profile(repo: Repository) -> FetchProfile:

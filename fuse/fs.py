@@ -649,10 +649,9 @@ class KiwiFS(pyfuse3.Operations):
             slot = pslot
 
     def _max_window(self) -> int:
-        """A sequential reader's readahead window: the readers at once share part of the
-        chunk cache (half, or three quarters on a remote store), so what one prefetches is
-        still there when it gets to it."""
-        share = int(self.chunk_bytes * self.profile.readahead_share) // max(1, self.sequential_readers)
+        """A sequential reader's readahead window: the readers at once share half the chunk
+        cache, so what one prefetches is still there when it gets to it."""
+        share = self.chunk_bytes // (2 * max(1, self.sequential_readers))
         return max(1 << 20, min(self.profile.max_readahead, share))
 
     def _readahead(self, h: FileHandle, pos: int) -> None:
