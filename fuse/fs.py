@@ -503,11 +503,11 @@ class KiwiFS(pyfuse3.Operations):
         a = self._new_attr()  # one object for the whole listing: readdir_reply copies it
         start = max(0, start_id - 2)
         if readdir_reply_columns is not None:
-            inos = None
-            if any(links):  # hardlinked files share the inode of their group's first name
-                inos = {i: hardlink(snap, links[i], first + i) for i in range(start, len(names)) if links[i]}
-            readdir_reply_columns(token, a, names, start, first, inos, 3, t.mode, t.nlink, t.uid, t.gid,
-                                  t.size, t.alloc, t.rdev, t.atime, t.mtime, t.ctime)
+            def resolve(i: int) -> int:  # the files of a hardlink group share one inode
+                return hardlink(snap, links[i], first + i)
+
+            readdir_reply_columns(token, a, names, start, first, links, resolve, 3, t.mode, t.nlink, t.uid,
+                                  t.gid, t.size, t.alloc, t.rdev, t.atime, t.mtime, t.ctime)
             return
         for i in range(start, len(names)):
             ino = first + i
