@@ -9,6 +9,13 @@ Measured per tool and repetition (round-robin, so machine noise hits all alike),
   seq_read   `dd bs=1M of=/dev/null` of the first big file (1 GiB full)  (MB/s)
   mount_s    from the mount command to the snapshot's source directory listing
 Goals: ours-s3 ahead of restic-s3, and at least half of ours-local.
+
+s3-get (with ours-s3) is the server's ceiling for seq_read, measured in the same round-robin:
+the byte ranges of the packs that hold the big file's chunks, fetched cold with kiwi-restore's
+own S3 backend, 4 at a time (as the mount's prefetchers), in the file's order, and neither
+decrypted nor passed through FUSE. Its MB/s counts the file's bytes, as seq_read does;
+ours-s3 / s3-get is the share of what this server delivers that the mount turns into reads.
+Its "FUSE cpu" column is the CPU of the process making the GETs (this script).
 Output: JSON lines on stdout (one per measure, then medians, ratios and goals), a table on
 stderr. Needs root (drop_caches), restic, fusermount3 and the ceph packages (radosgw).
 
@@ -49,6 +56,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from bench_export import du  # same directory: scripts/
 
@@ -61,7 +69,8 @@ STOP_RGW = os.path.join(HERE, "servers", "stop-ceph-rgw.sh")
 PASS = "bench-password"
 CONTRACT, MACHINE = "bench", "m1"
 OURS_BUCKET, RESTIC_BUCKET = "kiwi-bench-mount", "restic-bench-mount"
-TOOLS = ("ours-local", "ours-s3", "restic-s3")
+TOOLS = ("ours-local", "ours-s3", "restic-s3", "s3-get")
+GET_THREADS = 4  # the mount's prefetchers on a remote store (fuse/blobs.py REMOTE)
 METRICS = ("tar_small", "seq_read")
 GiB = 1 << 30
 
@@ -444,6 +453,61 @@ class Restic(Tool):
         self.proc = self.pid = None
 
 
+class RawGets(Tool):
+    """Not a mount: the S3 server's ceiling for seq_read (see the module's docstring)."""
+
+    name = "s3-get"
+
+    def __init__(self, a, src, server, ours: Ours, big: str) -> None:
+        super().__init__(a, src, server)
+        self.ours, self.big = ours, big
+        self.ranges: list[tuple[str, int, int]] = []
+        self.backend = None
+
+    def prepare(self) -> None:
+        """Locate the big file's chunks in ours-s3's repository (after ours-s3 prepared it)."""
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
+        os.environ.update(self.ours.env)
+        from kiwi_restore import service
+        from kiwi_restore.site import Site
+
+        site = Site(self.ours.home, lambda: PASS.encode())
+        _snap, entries = service.list_path(site, CONTRACT, "latest", os.path.join(self.src, self.big), None, MACHINE)
+        node = entries[0][1]
+        _rec, repo = service.open_contract(site, CONTRACT)
+        repo.load_index()
+        spans: dict[bytes, list[int]] = {}  # pack -> [first byte, end] of the file's chunks, in file order
+        for cid, _size in node.chunks:
+            if cid is not None:
+                loc = repo.locate(cid)
+                span = spans.setdefault(loc.pack_id, [loc.offset, loc.offset + loc.length])
+                span[0], span[1] = min(span[0], loc.offset), max(span[1], loc.offset + loc.length)
+        self.ranges = [(repo.pack_key(p), lo, hi - lo) for p, (lo, hi) in spans.items()]
+        self.backend = repo.backend
+        log(f"{self.name}: {len(self.ranges)} ranged GETs, {sum(r[2] for r in self.ranges) / 2**20:.0f} MiB "
+            f"for a {node.size / 2**20:.0f} MiB file")
+
+    def measure(self, rep: int, big_size: int) -> dict:
+        rec: dict = {"tool": self.name, "rep": rep, "metric": "seq_read"}
+        drop_caches(self.server)
+        try:
+            cpu0, srv0 = os.times(), self.server.cpu_s()
+            t = time.monotonic()
+            with ThreadPoolExecutor(GET_THREADS) as pool:
+                fetched = sum(pool.map(lambda r: len(self.backend.get_range(*r)), self.ranges))
+            dt = time.monotonic() - t
+            cpu1, srv1 = os.times(), self.server.cpu_s()
+            rec.update(seconds=round(dt, 3), bytes=big_size, fetched_bytes=fetched,
+                       MB_per_s=round(big_size / dt / 1e6, 1), mount_s=None, rss_MiB=None,
+                       fuse_cpu_s=round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 2),
+                       server_cpu_s=None if None in (srv0, srv1) else round(srv1 - srv0, 2))
+        except Exception as exc:  # reported like a failed measure
+            rec["error"] = str(exc)[-1000:]
+            log(f"{self.name} rep {rep}: FAILED: {rec['error']}")
+        return rec
+
+
 # -- measures --------------------------------------------------------------------------------
 def wait_root(tool: Tool, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -591,8 +655,13 @@ def bench() -> None:
                 objs.append(Ours(a, src, server, s3=False))
             elif name == "ours-s3":
                 objs.append(Ours(a, src, server, s3=True))
-            else:
+            elif name == "restic-s3":
                 objs.append(Restic(a, src, server))
+        if "s3-get" in tools:
+            ours_s3 = next((t for t in objs if t.name == "ours-s3"), None)
+            if ours_s3 is None:
+                raise SystemExit("s3-get reads ours-s3's repository: list ours-s3 in --tools too")
+            objs.append(RawGets(a, src, server, ours_s3, big))
         for tool in objs:
             os.makedirs(tool.mnt, exist_ok=True)
             tool.umount()  # one left behind by an interrupted run
@@ -602,6 +671,14 @@ def bench() -> None:
         for rep in range(1, a.reps + 1):
             for tool in objs:
                 for metric in METRICS:
+                    if isinstance(tool, RawGets):
+                        if metric != "seq_read":
+                            continue
+                        log(f"{tool.name} {metric} rep {rep}")
+                        rec = tool.measure(rep, big_size)
+                        runs.append(rec)
+                        emit(rec)
+                        continue
                     log(f"{tool.name} {metric} rep {rep}")
                     rec = measure(tool, metric, rep, small_dir, big, a.timeout)
                     runs.append(rec)
@@ -625,7 +702,7 @@ def bench() -> None:
             med[tool.name, metric] = {
                 "MB_per_s": round(statistics.median(r["MB_per_s"] for r in ok), 1),
                 "seconds": round(statistics.median(r["seconds"] for r in ok), 3),
-                "mount_s": round(statistics.median(r["mount_s"] for r in ok), 3),
+                "mount_s": med_of(ok, "mount_s"),
                 "fuse_cpu_s": med_of(ok, "fuse_cpu_s"), "server_cpu_s": med_of(ok, "server_cpu_s"),
                 "bytes": ok[0]["bytes"], "runs": len(ok),
                 "failed": sum(1 for r in runs if r["tool"] == tool.name and r["metric"] == metric) - len(ok),
@@ -651,6 +728,8 @@ def bench() -> None:
         goals[metric] = {"ours_s3_vs_restic_s3": vs_restic, "ours_s3_vs_ours_local": vs_local,
                          "ahead_of_restic": None if vs_restic is None else vs_restic > 1.0,
                          "half_of_local": None if vs_local is None else vs_local >= 0.5}
+    ceiling = ratio("ours-s3", "s3-get", "seq_read")  # not a goal: where the rest of the time goes
+    goals["seq_read"]["ours_s3_vs_s3_get"] = ceiling
     met = [v for g in goals.values() for k, v in g.items() if k in ("ahead_of_restic", "half_of_local")]
     emit({"goals": goals, "all_met": all(met) if met and None not in met else None, "dataset": src,
           "total_bytes": total, "small_files": manifest.get("small_files"), "big_file_bytes": big_size,
@@ -667,7 +746,7 @@ def bench() -> None:
     print(f"{'tool':11} {'metric':10} {'MB/s':>8} {'s':>8} {'mount s':>8} {'RSS MiB':>8} {'FUSE cpu':>9} "
           f"{'S3 cpu':>7} {'n':>3}", file=sys.stderr)
     for (name, metric), m in med.items():
-        print(f"{name:11} {metric:10} {m['MB_per_s']:>8} {m['seconds']:>8} {m['mount_s']:>8} "
+        print(f"{name:11} {metric:10} {m['MB_per_s']:>8} {m['seconds']:>8} {m['mount_s'] or '':>8} "
               f"{m['rss_MiB'] or '':>8} {m['fuse_cpu_s'] or '':>9} {m['server_cpu_s'] or '':>7} {m['runs']:>3}" + (f"  ({m['failed']} FAILED)" if m["failed"] else ""),
               file=sys.stderr)
     for metric, g in goals.items():
@@ -675,6 +754,9 @@ def bench() -> None:
             return "–" if v is None else f"{v:.2f} ({'met' if ok else 'MISSED'})"
         print(f"{metric:10} ours-s3/restic-s3 {show(g['ours_s3_vs_restic_s3'], g['ahead_of_restic'])}  "
               f"ours-s3/ours-local {show(g['ours_s3_vs_ours_local'], g['half_of_local'])}", file=sys.stderr)
+    if ceiling is not None:
+        print(f"seq_read   ours-s3/s3-get {ceiling:.2f} (the share of the server's raw GET rate; not a goal)",
+              file=sys.stderr)
     print(f"total {time.monotonic() - t_start:.0f} s (measures {time.monotonic() - t_measure:.0f} s)",
           file=sys.stderr)
     if any("error" in r for r in runs):
