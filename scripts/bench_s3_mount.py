@@ -316,6 +316,7 @@ def mem_available() -> int:
 # -- tools -----------------------------------------------------------------------------------
 class Tool:
     name = ""
+    metrics = METRICS
 
     def __init__(self, a: argparse.Namespace, src: str, server: Server | None) -> None:
         self.a, self.src, self.server = a, src, server
@@ -457,6 +458,7 @@ class RawGets(Tool):
     """Not a mount: the S3 server's ceiling for seq_read (see the module's docstring)."""
 
     name = "s3-get"
+    metrics = ("seq_read",)
 
     def __init__(self, a, src, server, ours: Ours, big: str) -> None:
         super().__init__(a, src, server)
@@ -470,13 +472,12 @@ class RawGets(Tool):
             sys.path.insert(0, ROOT)
         os.environ.update(self.ours.env)
         from kiwi_restore import service
+        from kiwi_restore.restore import lookup
         from kiwi_restore.site import Site
+        from kiwi_restore.snapshot import resolve
 
-        site = Site(self.ours.home, lambda: PASS.encode())
-        _snap, entries = service.list_path(site, CONTRACT, "latest", os.path.join(self.src, self.big), None, MACHINE)
-        node = entries[0][1]
-        _rec, repo = service.open_contract(site, CONTRACT)
-        repo.load_index()
+        _rec, repo = service.open_contract(Site(self.ours.home, lambda: PASS.encode()), CONTRACT)
+        node = lookup(repo, resolve(repo.list_snapshots(), "latest", None, MACHINE), os.path.join(self.src, self.big))
         spans: dict[bytes, list[int]] = {}  # pack -> [first byte, end] of the file's chunks, in file order
         for cid, _size in node.chunks:
             if cid is not None:
@@ -670,17 +671,12 @@ def bench() -> None:
         runs: list[dict] = []
         for rep in range(1, a.reps + 1):
             for tool in objs:
-                for metric in METRICS:
-                    if isinstance(tool, RawGets):
-                        if metric != "seq_read":
-                            continue
-                        log(f"{tool.name} {metric} rep {rep}")
-                        rec = tool.measure(rep, big_size)
-                        runs.append(rec)
-                        emit(rec)
-                        continue
+                for metric in tool.metrics:
                     log(f"{tool.name} {metric} rep {rep}")
-                    rec = measure(tool, metric, rep, small_dir, big, a.timeout)
+                    if isinstance(tool, RawGets):
+                        rec = tool.measure(rep, big_size)
+                    else:
+                        rec = measure(tool, metric, rep, small_dir, big, a.timeout)
                     runs.append(rec)
                     emit(rec)
     finally:
