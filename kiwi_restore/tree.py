@@ -13,6 +13,7 @@ from itertools import accumulate
 
 import msgpack
 
+from .crypto import ID_SIZE
 from .errors import IntegrityError
 
 TREE_VERSION = 1
@@ -95,28 +96,57 @@ class Node:
 
     @classmethod
     def from_doc(cls, d: dict) -> Node:
+        """A node from its msgpack map, checked against the schema (FORMAT.md 13.1)."""
         t = d["type"]
         if t not in TYPE_TO_IFMT:
             raise ValueError(f"unknown entry type {t!r}")
-        n = cls(name=d["name"], type=t, mode=d["mode"], uid=d["uid"], gid=d["gid"],
-                user=d.get("user"), group=d.get("group"), mtime=d["mtime"],
-                atime=d.get("atime", d["mtime"]), ctime=d.get("ctime", d["mtime"]))
+        mtime = _int(d["mtime"], _I64, "mtime")
+        n = cls(name=_bin(d["name"], "name"), type=t, mode=_int(d["mode"], _U32, "mode"),
+                uid=_int(d["uid"], _U32, "uid"), gid=_int(d["gid"], _U32, "gid"),
+                user=d.get("user"), group=d.get("group"), mtime=mtime,
+                atime=_int(d.get("atime", mtime), _I64, "atime"), ctime=_int(d.get("ctime", mtime), _I64, "ctime"))
         if t == TYPE_FILE:
-            n.size = d["size"]
-            n.chunks = [(c[0], c[1]) for c in d["chunks"]]
+            n.size = _int(d["size"], _I64, "size")
+            n.chunks = [_chunk(c) for c in d["chunks"]]
             if sum(s for _, s in n.chunks) != n.size:
                 raise ValueError("chunk sizes do not add up to the file size")
         elif t == TYPE_SYMLINK:
-            n.target = d["target"]
+            n.target = _bin(d["target"], "symlink target")
             n.size = len(n.target)
         elif t == TYPE_DIR:
-            n.subtree = d["subtree"]
+            n.subtree = _bin(d["subtree"], "subtree", ID_SIZE)
         elif t in (TYPE_CHARDEV, TYPE_BLOCKDEV):
-            n.rdev = d.get("rdev", 0)
-        n.xattrs = d.get("xattrs") or {}
-        n.hardlink = d.get("hardlink", 0)
-        n.nlink = d.get("nlink", 1)
+            n.rdev = _int(d.get("rdev", 0), _U64, "rdev")
+        xattrs = d.get("xattrs") or {}
+        if type(xattrs) is not dict:
+            raise ValueError("xattrs is not a map")
+        n.xattrs = {_bin(k, "xattr name"): _bin(v, "xattr value") for k, v in xattrs.items()}
+        n.hardlink = _int(d.get("hardlink", 0), _U32, "hardlink")
+        n.nlink = _int(d.get("nlink", 1), _U32, "nlink")
         return n
+
+
+_U32, _U64, _I64 = (0, 1 << 32), (0, 1 << 64), (-(1 << 63), 1 << 63)
+
+
+def _int(v: object, bounds: tuple[int, int], what: str) -> int:
+    if type(v) is not int or not bounds[0] <= v < bounds[1]:
+        raise ValueError(f"bad {what}")
+    return v
+
+
+def _bin(v: object, what: str, length: int | None = None) -> bytes:
+    if type(v) is not bytes or (length is not None and len(v) != length):
+        raise ValueError(f"bad {what}")
+    return v
+
+
+def _chunk(c: object) -> tuple[bytes | None, int]:
+    """One [id or nil, size] pair of a chunk list."""
+    if type(c) is not list or len(c) != 2:
+        raise ValueError("a chunk is not an [id, size] pair")
+    cid = c[0] if c[0] is None else _bin(c[0], "chunk id", ID_SIZE)
+    return cid, _int(c[1], (0, 1 << 63), "chunk size")
 
 
 def _utf8(text: str) -> bool:
@@ -143,6 +173,8 @@ def decode_tree(data: bytes, what: str) -> list[Node]:
         doc = msgpack.unpackb(data, raw=False)
         if doc.get("version") != TREE_VERSION:
             raise IntegrityError(f"{what}: unsupported tree version {doc.get('version')}")
+        if type(doc["entries"]) is not list:
+            raise ValueError("entries is not an array")
         nodes = [Node.from_doc(e) for e in doc["entries"]]
     except IntegrityError:
         raise

@@ -50,9 +50,10 @@ if [ "$(cat $pstamp 2>/dev/null)" != "$patches" ] ||
     "$build/pyfuse3-$PYFUSE3" >&2
   echo "$patches" > $pstamp
 fi
-# a stamp records what was installed; a test install also covers a plain one
+# a stamp records what was installed; a test install also covers a plain one. The C tree
+# decoder (fuse/_treecols.c) is compiled by this install, so its source is in the stamp too.
 stamp=.venv/.kiwi-installed
-hash=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+hash=$(cat setup.cfg pyproject.toml setup.py fuse/_treecols.c | sha256sum | cut -c1-16)
 have=$(cat $stamp 2>/dev/null || true)
 if [ "$have" != "$hash-1" ] && [ "$have" != "$hash-$WITH_TEST" ]; then
   echo "[setup] installing Python packages into .venv" >&2
