@@ -35,7 +35,7 @@ PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pstamp=.venv/.kiwi-pyfuse3
 patches=$(cat scripts/patches/pyfuse3-$PYFUSE3-*.patch | sha256sum | cut -c1-16)
 if [ "$(cat $pstamp 2>/dev/null)" != "$patches" ] ||
-   ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "READDIR_REPLY_COLUMNS", False))' 2>/dev/null; then
+   ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3, "readdir_end"))' 2>/dev/null; then
   echo "[setup] building pyfuse3 $PYFUSE3 with scripts/patches/" >&2
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT

@@ -255,6 +255,7 @@ def test_the_installed_pyfuse3_carries_the_patches() -> None:
     assert hasattr(pyfuse3.Operations, "skip_opendir"), "pyfuse3 lacks patch 01 (run scripts/setup.sh)"
     assert getattr(pyfuse3, "READ_REPLY_PARTS", False), "pyfuse3 lacks patch 04 (run scripts/setup.sh)"
     assert getattr(pyfuse3, "READDIR_REPLY_COLUMNS", False), "pyfuse3 lacks patch 05 (run scripts/setup.sh)"
+    assert hasattr(pyfuse3, "readdir_end"), "pyfuse3 lacks patch 07 (run scripts/setup.sh)"
 
 
 def test_random_reads_across_chunk_boundaries(hostile) -> None:
@@ -548,6 +549,28 @@ def test_the_kernel_keeps_listings_so_a_second_walk_never_reaches_the_mount(cont
     once = session(1)
     assert once >= 3  # the root, machine, snapshot and path directories, then several for "many"
     assert session(5) == once
+def test_the_request_past_a_complete_listing_never_reaches_the_mount(contract: str, site: Site,
+                                                                     tmp_path: Path) -> None:
+    """pyfuse3 patch 07: after each complete listing the kernel asks once more and an empty
+    reply ends it; the mount tells pyfuse3 where its listings end, and pyfuse3 answers those
+    requests itself, so a walk costs one listing request per directory instead of two."""
+    src = tmp_path / "src"
+    for i in range(12):
+        (src / f"d{i:02d}").mkdir(parents=True)
+        (src / f"d{i:02d}" / "f").write_bytes(b"x")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    rec = site.contract(contract)
+    mnt = tmp_path / "mnt"
+    pid = mount(mnt)
+    try:
+        walked = list(os.walk(mnt))  # `latest` is a symlink: each directory is listed once
+        assert sum(1 for _, _, files in walked if files == ["f"]) == 12
+    finally:
+        umount(mnt, pid)
+    ends = [r for r in site.audit.records() if r.get("contract") == rec.id and r["action"] == "mount.end"]
+    assert ends[-1]["details"]["listings"] == len(walked)
+
+
 def test_umount_clears_a_mount_whose_process_died(contract: str, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
