@@ -8,7 +8,10 @@
  *
  * It follows the schema strictly (FORMAT.md: map keys are str, names, targets, ids and
  * xattrs are bin) and ignores the keys it does not know, as readers must; what it accepts,
- * the Python decoders read the same (tests/test_fuse_tables.py checks it on damaged trees). The checks that
+ * the Python decoders read the same (tests/test_fuse_tables.py checks it on damaged trees).
+ * One difference is kept: like the mount's Python decoder (msgpack raw=True) it does not
+ * check that str values it ignores (user, group, unknown keys) are valid UTF-8, where
+ * kiwi_restore.tree.decode_tree refuses such a tree. msgpack ext values are refused. The checks that
  * need the whole listing (order, safe names) stay in dirs.py, shared by both decoders.
  * Every read is bounds-checked; counts claimed by headers are checked against the bytes
  * left before anything is allocated from them.
@@ -81,7 +84,7 @@ static int next(Reader *r, Item *it) {
         return payload(r, it, T_BIN, v);
     case 0xc7: case 0xc8: case 0xc9:
         if (take(r, 1 << (c - 0xc7), &v)) return -1;
-        return payload(r, it, T_EXT, v + 1); /* + the ext type byte */
+        return fail(r, "msgpack ext type (not in the schema)");
     case 0xca: it->type = T_FLOAT; return take(r, 4, &v);
     case 0xcb: it->type = T_FLOAT; return take(r, 8, &v);
     case 0xcc: case 0xcd: case 0xce: case 0xcf:
@@ -96,7 +99,7 @@ static int next(Reader *r, Item *it) {
         return 0;
     }
     case 0xd4: case 0xd5: case 0xd6: case 0xd7: case 0xd8:
-        return payload(r, it, T_EXT, (1u << (c - 0xd4)) + 1);
+        return fail(r, "msgpack ext type (not in the schema)");
     case 0xd9: case 0xda: case 0xdb:
         if (take(r, 1 << (c - 0xd9), &v)) return -1;
         return payload(r, it, T_STR, v);
@@ -402,7 +405,9 @@ static void columns_clear(Columns *o) {
 static int read_entries(Reader *r, Columns *o) {
     static const size_t width[N_COLUMNS] = {4, 4, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 4};
     Item list;
-    if (container(r, &list, T_ARRAY, 1, "entries is not an array")) return -1;
+    /* 38 bytes: the six required keys and their shortest values, so the columns allocated
+     * from the count stay within about twice the input */
+    if (container(r, &list, T_ARRAY, 38, "entries is not an array")) return -1;
     Py_ssize_t n = (Py_ssize_t)list.u;
     for (int c = 0; c < N_COLUMNS; c++)
         if (!(o->col[c] = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)width[c]))) goto fail;
@@ -486,7 +491,7 @@ static PyObject *decode(PyObject *Py_UNUSED(self), PyObject *arg) {
     Reader r = {(const unsigned char *)view.buf, (const unsigned char *)view.buf + view.len, NULL};
     Item top, k, v;
     Columns o = {0};
-    int has_version = 0, has_entries = 0;
+    int has_version = 0, has_entries = 0, seen_version = 0;
     uint64_t version = 0;
     const char *entries_err = NULL; /* reported only if the version is one this reader knows */
     PyObject *result = NULL;
@@ -516,10 +521,13 @@ static PyObject *decode(PyObject *Py_UNUSED(self), PyObject *arg) {
             break;
         }
         case K_VERSION:
+            /* once only: a later version must not undo the skip of entries read under another */
+            if (seen_version) { fail(&r, "version given twice"); goto done; }
+            seen_version = 1;
             if (next(&r, &v)) goto done;
             if (v.type == T_ARRAY || v.type == T_MAP) { fail(&r, "bad version"); goto done; }
             has_version = v.type == T_UINT;
-            version = v.u;
+            if (has_version) version = v.u;
             break;
         default:
             if (skip(&r, 1)) goto done;
@@ -534,7 +542,7 @@ static PyObject *decode(PyObject *Py_UNUSED(self), PyObject *arg) {
         goto done;
     }
     if (entries_err) { fail(&r, entries_err); goto done; }
-    if (!has_entries) { fail(&r, "tree lacks entries"); goto done; }
+    if (!has_entries || !o.names) { fail(&r, "tree lacks entries"); goto done; }
     PyObject *chunk_ids = PyBytes_FromStringAndSize(o.ids.buf ? o.ids.buf : "", (Py_ssize_t)o.ids.len);
     PyObject *chunk_sizes = chunk_ids ? PyBytes_FromStringAndSize(o.sizes.buf ? o.sizes.buf : "", (Py_ssize_t)o.sizes.len)
                                       : NULL;

@@ -109,6 +109,15 @@ def test_fast_decoders_refuse_what_the_core_refuses(data: bytes) -> None:
         DirTable.decode_python(data, "t")
 
 
+def test_the_c_decoder_refuses_a_second_version_and_ext_values() -> None:
+    entry = msgpack.packb([_file(b"a", [])], use_bin_type=True)
+    twice = b"\x83\xa7version\x02\xa7entries" + entry + b"\xa7version\x01"
+    ext = _tree([{**_file(b"a", []), "user": msgpack.ExtType(5, b"x")}])
+    for data in (twice, ext):
+        with pytest.raises(IntegrityError):
+            DirTable.decode(data, "t")
+
+
 def test_a_name_must_be_bin() -> None:
     # (the Python decoder reads str and bin alike as bytes, and so takes it: it is harmless)
     data = _tree([{**_file(b"a", []), "name": "a"}])
