@@ -205,12 +205,14 @@ static int buf_put(Buf *b, const void *src, size_t n) {
     return 0;
 }
 
+#define HAS(e, key) ((e)->seen & (1u << (key)))
+#define REQUIRED ((1u << K_NAME) | (1u << K_TYPE) | (1u << K_MODE) | (1u << K_UID) | (1u << K_GID) | (1u << K_MTIME))
+
 /* One entry's fields, as found in its map (in any key order). */
 typedef struct {
     Item name, type, target, subtree;
     const unsigned char *chunks, *xattrs; /* where those values start; parsed once the type is known */
-    int has_name, has_type, has_mode, has_uid, has_gid, has_mtime, has_atime, has_ctime, has_size;
-    int has_target, has_subtree;
+    unsigned seen; /* bit 1 << K_x for each schema key met */
     unsigned int mode, uid, gid, hardlink, nlink;
     int64_t mtime, atime, ctime, size;
     uint64_t rdev;
@@ -236,47 +238,40 @@ static int read_entry(Reader *r, Entry *e) {
         switch (id) {
         case K_NAME:
             if (v.type != T_BIN) return fail(r, "entry name is not bin");
-            e->name = v; e->has_name = 1;
+            e->name = v;
             break;
         case K_TYPE:
             if (v.type != T_STR) return fail(r, "entry type is not str");
-            e->type = v; e->has_type = 1;
+            e->type = v;
             break;
         case K_MODE:
             if (get_u32(r, &v, &e->mode, "bad mode")) return -1;
-            e->has_mode = 1;
             break;
         case K_UID:
             if (get_u32(r, &v, &e->uid, "bad uid")) return -1;
-            e->has_uid = 1;
             break;
         case K_GID:
             if (get_u32(r, &v, &e->gid, "bad gid")) return -1;
-            e->has_gid = 1;
             break;
         case K_MTIME:
             if (get_i64(r, &v, &e->mtime, "bad mtime")) return -1;
-            e->has_mtime = 1;
             break;
         case K_ATIME:
             if (get_i64(r, &v, &e->atime, "bad atime")) return -1;
-            e->has_atime = 1;
             break;
         case K_CTIME:
             if (get_i64(r, &v, &e->ctime, "bad ctime")) return -1;
-            e->has_ctime = 1;
             break;
         case K_SIZE:
             if (get_i64(r, &v, &e->size, "bad size")) return -1;
-            e->has_size = 1;
             break;
         case K_TARGET:
             if (v.type != T_BIN) return fail(r, "symlink target is not bin");
-            e->target = v; e->has_target = 1;
+            e->target = v;
             break;
         case K_SUBTREE:
             if (v.type != T_BIN || v.u != ID_SIZE) return fail(r, "subtree is not a 32-byte id");
-            e->subtree = v; e->has_subtree = 1;
+            e->subtree = v;
             break;
         case K_RDEV:
             if (get_u64(r, &v, &e->rdev, "bad rdev")) return -1;
@@ -293,11 +288,11 @@ static int read_entry(Reader *r, Entry *e) {
                 if (skip(r, 1)) return -1;
             }
         }
+        e->seen |= 1u << id;
     }
-    if (!(e->has_name && e->has_type && e->has_mode && e->has_uid && e->has_gid && e->has_mtime))
-        return fail(r, "entry lacks a required field");
-    if (!e->has_atime) e->atime = e->mtime;
-    if (!e->has_ctime) e->ctime = e->mtime;
+    if ((e->seen & REQUIRED) != REQUIRED) return fail(r, "entry lacks a required field");
+    if (!HAS(e, K_ATIME)) e->atime = e->mtime;
+    if (!HAS(e, K_CTIME)) e->ctime = e->mtime;
     return 0;
 }
 
@@ -451,7 +446,7 @@ static int read_entries(Reader *r, Columns *o) {
         if (t == 'f') {
             int64_t total, used;
             size_t before = o->sizes.len / sizeof(int64_t);
-            if (!e.chunks || !e.has_size) { fail(r, "file entry lacks size or chunks"); goto fail; }
+            if (!e.chunks || !HAS(&e, K_SIZE)) { fail(r, "file entry lacks size or chunks"); goto fail; }
             if (read_chunks(r, e.chunks, &o->ids, &o->sizes, &total, &used)) goto fail;
             if (total != e.size) { fail(r, "chunk sizes do not add up to the file size"); goto fail; }
             if (o->sizes.len / sizeof(int64_t) > UINT32_MAX) { fail(r, "too many chunks"); goto fail; }
@@ -460,13 +455,13 @@ static int read_entries(Reader *r, Columns *o) {
             size[i] = total;
             alloc[i] = used;
         } else if (t == 'l') {
-            if (!e.has_target) { fail(r, "symlink entry lacks its target"); goto fail; }
+            if (!HAS(&e, K_TARGET)) { fail(r, "symlink entry lacks its target"); goto fail; }
             size[i] = (long long)e.target.u;
             if (put_indexed(o->targets, i,
                             PyBytes_FromStringAndSize((const char *)e.target.data, (Py_ssize_t)e.target.u)))
                 goto fail;
         } else if (t == 'd') {
-            if (!e.has_subtree) { fail(r, "directory entry lacks its subtree"); goto fail; }
+            if (!HAS(&e, K_SUBTREE)) { fail(r, "directory entry lacks its subtree"); goto fail; }
             if (put_indexed(o->subtrees, i, PyBytes_FromStringAndSize((const char *)e.subtree.data, ID_SIZE)))
                 goto fail;
         } else if (t == 'c' || t == 'b') {

@@ -42,8 +42,8 @@ _FILE, _SYMLINK, _DIR = TYPE_FILE.encode(), TYPE_SYMLINK.encode(), TYPE_DIR.enco
 _DEVICES = (TYPE_CHARDEV.encode(), TYPE_BLOCKDEV.encode())
 # the numeric columns _treecols.decode returns, in its order, and their array types
 _C_COLUMNS = ("mode", "nlink", "uid", "gid", "size", "alloc", "rdev", "atime", "mtime", "ctime",
-              "hardlink", "cstart", "ccount")
-_C_TYPES = "IIIIqqQqqqIII"
+              "hardlink", "cstart", "ccount", "chunk_sizes")
+_C_TYPES = "IIIIqqQqqqIIIq"
 if _treecols is not None and (array("I").itemsize, array("q").itemsize, array("Q").itemsize) != (4, 8, 8):
     _treecols = None  # the C decoder writes 32- and 64-bit columns
 
@@ -84,15 +84,11 @@ class DirTable:
                 raise IntegrityError(f"{what}: {msg}") from None
             raise IntegrityError(f"{what}: malformed tree ({msg})") from None
         t = cls()
-        t.names = cols[0]
-        for k, column in enumerate(_C_COLUMNS):
-            a = array(_C_TYPES[k])
-            a.frombytes(cols[1 + k])
+        t.names, *numeric, t.chunk_ids, chunk_sizes, t.targets, t.subtrees, t.xattrs = cols
+        for column, code, raw in zip(_C_COLUMNS, _C_TYPES, [*numeric, chunk_sizes], strict=True):
+            a = array(code)
+            a.frombytes(raw)
             setattr(t, column, a)
-        t.chunk_ids = cols[14]
-        t.chunk_sizes = array("q")
-        t.chunk_sizes.frombytes(cols[15])
-        t.targets, t.subtrees, t.xattrs = cols[16], cols[17], cols[18]
         t._check_names(what)
         t._measure()
         return t
