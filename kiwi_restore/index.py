@@ -33,12 +33,14 @@ class BlobLocation:
 class IndexFile:
     """One decoded index file: its pack table and its sorted records."""
 
-    __slots__ = ("file_id", "packs", "records", "count", "_fanout", "supersedes")
+    __slots__ = ("file_id", "packs", "records", "count", "_fanout", "supersedes", "folder")
 
-    def __init__(self, file_id: bytes, packs: list[bytes], records: bytes, supersedes: list[bytes]) -> None:
+    def __init__(self, file_id: bytes, packs: list[bytes], records: bytes, supersedes: list[bytes],
+                 folder: str = "index") -> None:
         if len(records) % RECORD.size:
             raise IntegrityError(f"index {file_id.hex()}: record table has a bad length")
         self.file_id = file_id
+        self.folder = folder  # "index", or "treeindex" for a file of tree records only
         self.packs = packs
         self.records = records
         self.count = len(records) // RECORD.size
@@ -75,10 +77,10 @@ class IndexFile:
             yield self._location(i)
 
     @classmethod
-    def decode(cls, file_id: bytes, payload: bytes) -> IndexFile:
+    def decode(cls, file_id: bytes, payload: bytes, folder: str = "index") -> IndexFile:
         try:
             doc = msgpack.unpackb(payload, raw=False)
-            return cls(file_id, list(doc["packs"]), doc["records"], list(doc.get("supersedes", [])))
+            return cls(file_id, list(doc["packs"]), doc["records"], list(doc.get("supersedes", [])), folder)
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise IntegrityError(f"index {file_id.hex()}: malformed ({exc})") from None
 

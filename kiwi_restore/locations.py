@@ -20,7 +20,7 @@ from .repository import CONFIG_ID, RepoConfig, Repository
 from .site import ContractRecord, Site
 from .storage.base import Backend, ObjectInfo
 
-FOLDER_KINDS = {"index": KIND_INDEX, "snapshots": KIND_SNAPSHOT}
+FOLDER_KINDS = {"index": KIND_INDEX, "treeindex": KIND_INDEX, "snapshots": KIND_SNAPSHOT}
 
 
 class _OneObject(Backend):

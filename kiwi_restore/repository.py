@@ -3,6 +3,7 @@
     <prefix>/config                 repository settings (encrypted)
     <prefix>/data/<2 hex>/<id hex>  packs of chunk and tree blobs
     <prefix>/index/<id hex>         blob index files
+    <prefix>/treeindex/<id hex>     index files of tree blobs only (what browsing needs)
     <prefix>/snapshots/<id hex>     snapshot manifests
     <prefix>/locks/<id hex>         writer locks
 """
@@ -54,6 +55,10 @@ LOCK_REFRESH_SECONDS = 5 * 60
 DEFAULT_CHUNKER = {"algorithm": "fastcdc2020", "min_size": 64 << 10, "avg_size": 256 << 10,
                    "max_size": 1 << 20, "normalization": 1}
 INDEX_CONSOLIDATE_AT = 16
+# tree records are indexed apart, so a mount reads the index of the directories alone:
+# a few hundredths of the whole, whatever the number of files
+TREE_INDEX = "treeindex"
+INDEX_FOLDERS = (TREE_INDEX, "index")
 
 
 class _ConfigNotOpened(IntegrityError):
@@ -125,7 +130,7 @@ class Repository:
         self.keys = keys
         self.config = config
         self.index = MasterIndex()
-        self._index_loaded = False
+        self._index_folders: set[str] = set()  # the index folders loaded into self.index
         self._index_lock = threading.Lock()
         self.tree_cache = LRU(tree_cache_bytes, size_of=lambda v: v[1])
 
@@ -203,13 +208,27 @@ class Repository:
 
     # -- index -----------------------------------------------------------------
     def load_index(self) -> MasterIndex:
+        """The whole index: every index file of both folders, superseded files left out."""
+        return self._load_index(INDEX_FOLDERS)
+
+    def load_tree_index(self) -> MasterIndex:
+        """The index files of tree blobs alone (a mount's start); `locate` loads the rest
+        when it is asked for a blob they do not hold."""
+        return self._load_index((TREE_INDEX,))
+
+    def _load_index(self, folders: tuple[str, ...]) -> MasterIndex:
         with self._index_lock:
-            if not self._index_loaded:
+            todo = [f for f in folders if f not in self._index_folders]
+            if todo:
+                loaded = {f.file_id for f in self.index.files}
                 for attempt in range(3):
                     files = []
                     try:
-                        for iid, _size in self._ids("index"):
-                            files.append(IndexFile.decode(iid, self._get_object(f"index/{iid.hex()}", KIND_INDEX, iid)))
+                        for folder in todo:
+                            for iid, _size in self._ids(folder):
+                                if iid not in loaded:
+                                    payload = self._get_object(f"{folder}/{iid.hex()}", KIND_INDEX, iid)
+                                    files.append(IndexFile.decode(iid, payload, folder))
                         break
                     except IntegrityError as exc:
                         # a writer merging the index deletes old files after writing the new one:
@@ -219,27 +238,49 @@ class Repository:
                 for f in files:
                     self.index.add_file(f)
                 self.index.drop_superseded()
-                self._index_loaded = True
+                self._index_folders.update(todo)
         return self.index
 
-    def write_index(self, entries: list[BlobLocation], supersedes: list[bytes] = ()) -> bytes:
+    def _reset_index(self) -> None:
+        with self._index_lock:
+            self.index = MasterIndex()
+            self._index_folders = set()
+
+    def _write_index_file(self, folder: str, entries: list[BlobLocation], supersedes: list[bytes]) -> bytes:
         iid = new_id()
-        self._put_object(f"index/{iid.hex()}", KIND_INDEX, iid, encode_index(entries, supersedes))
+        self._put_object(f"{folder}/{iid.hex()}", KIND_INDEX, iid, encode_index(entries, supersedes))
         return iid
 
+    def write_index(self, entries: list[BlobLocation]) -> list[bytes]:
+        """Index ENTRIES (blobs whose packs are all stored): tree records in a treeindex
+        file, the others in an index file; returns the new files' ids."""
+        trees = [e for e in entries if e.kind == KIND_TREE]
+        others = [e for e in entries if e.kind != KIND_TREE]
+        ids = []
+        if trees:
+            ids.append(self._write_index_file(TREE_INDEX, trees, []))
+        if others or not trees:
+            ids.append(self._write_index_file("index", others, []))
+        return ids
+
     def consolidate_index(self) -> bool:
-        """Merge the index files into one when there are many (writers hold the lock)."""
-        self._index_loaded = False  # reload: the index file this session just wrote is merged too
-        self.index = MasterIndex()
+        """Merge the index files into one per folder when there are many (writers hold the lock)."""
+        self._reset_index()  # reload: the index files this session just wrote are merged too
         self.load_index()
-        if len(self.index.files) < INDEX_CONSOLIDATE_AT:
+        files = list(self.index.files)
+        if len(files) < INDEX_CONSOLIDATE_AT:
             return False
-        old = [f.file_id for f in self.index.files]
-        self.write_index(list(self.index.all_locations()), supersedes=old)
-        for iid in old:
-            self.backend.delete(f"{self.prefix}index/{iid.hex()}")
-        self._index_loaded = False
-        self.index = MasterIndex()
+        locations = list(self.index.all_locations())
+        # the tree file first, superseding tree files only: a writer stopped before the second
+        # file leaves the index/ files in force, tree records of older files included
+        # (repeated records are harmless), so nothing is ever unindexed
+        self._write_index_file(TREE_INDEX, [e for e in locations if e.kind == KIND_TREE],
+                               [f.file_id for f in files if f.folder == TREE_INDEX])
+        self._write_index_file("index", [e for e in locations if e.kind != KIND_TREE],
+                               [f.file_id for f in files if f.folder != TREE_INDEX])
+        for f in files:
+            self.backend.delete(f"{self.prefix}{f.folder}/{f.file_id.hex()}")
+        self._reset_index()
         self.load_index()
         return True
 
@@ -249,7 +290,9 @@ class Repository:
         return f"{self.prefix}data/{h[:2]}/{h}"
 
     def locate(self, blob_id: bytes) -> BlobLocation:
-        loc = self.load_index().find(blob_id)
+        loc = self.index.find(blob_id) if self._index_folders else None
+        if loc is None:  # not loaded yet, or only the tree index was
+            loc = self.load_index().find(blob_id)
         if loc is None:
             raise IntegrityError(f"blob {blob_id.hex()} is not in the index")
         return loc

@@ -179,14 +179,17 @@ class Reader:
 
     def load_index(self) -> dict[bytes, tuple[bytes, int, int, int, int]]:  # section 11
         files = []
-        for iid in self.ids("index"):
-            doc = unpack(self.read_object(f"index/{iid.hex()}", INDEX, iid))
-            packs, records = doc["packs"], doc["records"]
-            assert isinstance(records, bytes) and len(records) % 49 == 0
-            assert all(isinstance(p, bytes) and len(p) == 32 for p in packs)
-            rows = [records[i:i + 49] for i in range(0, len(records), 49)]
-            assert rows == sorted(rows), "records sorted"
-            files.append((iid, packs, rows, doc.get("supersedes", [])))
+        for folder in ("treeindex", "index"):
+            for iid in self.ids(folder):
+                doc = unpack(self.read_object(f"{folder}/{iid.hex()}", INDEX, iid))
+                packs, records = doc["packs"], doc["records"]
+                assert isinstance(records, bytes) and len(records) % 49 == 0
+                assert all(isinstance(p, bytes) and len(p) == 32 for p in packs)
+                rows = [records[i:i + 49] for i in range(0, len(records), 49)]
+                assert rows == sorted(rows), "records sorted"
+                if folder == "treeindex":
+                    assert all(row[48] == TREE for row in rows), "treeindex/ holds tree records only"
+                files.append((iid, packs, rows, doc.get("supersedes", [])))
         gone = {s for _, _, _, sup in files for s in sup}
         index: dict[bytes, tuple[bytes, int, int, int, int]] = {}
         for iid, packs, rows, _ in files:
@@ -478,7 +481,8 @@ def test_independent_reader_reads_every_file_of_every_snapshot(tmp_path, home, k
     reader = Reader(repo, keys)
     assert reader.config["chunker"] == {"algorithm": "fastcdc2020", "min_size": 65536, "avg_size": 262144,
                                         "max_size": 1048576, "normalization": 1}
-    assert len(reader.index_files) >= 2  # one per backup that stored something
+    assert len(reader.index_files) >= 4  # two per backup that stored something (trees, chunks)
+    assert len(reader.ids("treeindex")) >= 2
     assert reader.ids("locks") == []  # released
 
     snaps = reader.snapshots()

@@ -645,3 +645,60 @@ def test_session_ends_when_access_ends(contract: str, site: Site, tmp_path: Path
     rec = site.contract(contract)
     end = [r for r in site.audit.records() if r.get("contract") == rec.id and r["action"] == "mount.end"]
     assert end[-1]["details"]["reason"] == "access ended"
+
+
+def _index_files(site: Site, contract: str, folder: str) -> list[Path]:
+    base = Path(site.path("store")) / site.contract(contract).prefix / folder
+    return sorted(p for p in base.iterdir() if p.is_file())
+
+
+def test_browsing_needs_only_the_directories_index(contract: str, site: Site, tmp_path: Path) -> None:
+    """The mount starts from treeindex/ alone: with every index/ file (the chunks' records)
+    damaged, the tree still lists, and only reading a file's content fails, with EIO."""
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f.txt").write_text("content\n")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    assert _index_files(site, contract, "treeindex") and _index_files(site, contract, "index")
+    for p in _index_files(site, contract, "index"):
+        data = bytearray(p.read_bytes())
+        data[-5] ^= 0x01
+        p.write_bytes(bytes(data))
+    mnt = tmp_path / "mnt"
+    pid = mount(mnt)
+    try:
+        root = mnt / "pc1" / "latest" / str(src).lstrip("/")
+        assert sorted(os.listdir(root / "a" / "b")) == ["f.txt"]
+        assert (root / "a" / "b" / "f.txt").stat().st_size == 8
+        with pytest.raises(OSError) as e:
+            (root / "a" / "b" / "f.txt").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert alive(pid) and mounted(mnt)
+    finally:
+        umount(mnt, pid)
+    logs = "".join(p.read_text() for p in Path(site.tmp_dir(), "mounts").glob("*.log"))
+    assert "cannot load the index" in logs and "authentication failed" in logs
+
+
+def test_a_repository_indexed_before_the_split_still_mounts(contract: str, site: Site, tmp_path: Path) -> None:
+    """Tree records in index/ files (as written before treeindex/ existed): the mount finds
+    the trees in the whole index."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "x.bin").write_bytes(os.urandom(300_000))
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    repo = site.open_repository(site.contract(contract))
+    repo.load_index()
+    old = list(repo.index.files)
+    with repo.lock():
+        repo._write_index_file("index", list(repo.index.all_locations()), [f.file_id for f in old])
+        for f in old:
+            repo.backend.delete(f"{repo.prefix}{f.folder}/{f.file_id.hex()}")
+    assert _index_files(site, contract, "treeindex") == []
+    mnt = tmp_path / "mnt"
+    pid = mount(mnt)
+    try:
+        root = mnt / "pc1" / "latest" / str(src).lstrip("/")
+        assert (root / "d" / "x.bin").read_bytes() == (src / "d" / "x.bin").read_bytes()
+    finally:
+        umount(mnt, pid)
