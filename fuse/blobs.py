@@ -218,10 +218,10 @@ class ChunkStore:
         return len(todo)
 
     def pack_of(self, chunk_id: bytes) -> bytes | None:
-        try:
-            return self.repo.locate(chunk_id).pack_id
-        except Exception:  # the read itself reports it
-            return None
+        """The chunk's pack, if the index loaded so far says (called on the trio loop, which
+        must not wait for the index: the first read loads it in a worker)."""
+        loc = self.repo.locate_loaded(chunk_id)
+        return loc.pack_id if loc is not None else None
 
     async def _prefetch(self, todo: list[tuple[bytes, int]],
                         where: dict[bytes, list[tuple[int, int, bool]]], urgent: bool = False) -> None:

@@ -124,7 +124,8 @@ def prepare(site: Site, contract: str, opts: MountOptions) -> tuple[ContractReco
     repo.tree_cache.max_bytes = 0  # the mount keeps trees in its own, compact form (dirs.py)
     layout = build(select_snapshots(repo.list_snapshots(), opts.machine, opts.snapshot, opts.at))
     # the directories' index only (a few hundredths of the whole); the trees wait for their
-    # first lookup, the rest of the index for the moment the mount answers (_main)
+    # first lookup, the rest of the index for the first read of a file's content (loaded on
+    # the side as soon as the mount answers, it slowed the first listings it raced with)
     repo.load_tree_index()
     return rec, repo, layout
 
@@ -329,10 +330,6 @@ async def _main(fs, site: Site, rec: ContractRecord, opts: MountOptions,
             return
         _tune_readahead(st.st_dev)
         ready(None)
-        try:  # the index of the files' contents, while the user looks around
-            await trio.to_thread.run_sync(fs.repo.load_index)
-        except Exception as exc:  # the reads that need it fail with EIO, and say why
-            log.error("cannot load the index: %s", exc)
 
     async def watch_access() -> None:
         # the restore window may close, or the client ask for destruction, while mounted:

@@ -297,6 +297,10 @@ class Repository:
             raise IntegrityError(f"blob {blob_id.hex()} is not in the index")
         return loc
 
+    def locate_loaded(self, blob_id: bytes) -> BlobLocation | None:
+        """The blob's location if the index loaded so far holds it; never loads or waits."""
+        return self.index.find(blob_id)
+
     def read_sealed(self, loc: BlobLocation) -> bytes:
         try:
             return self.backend.get_range(self.pack_key(loc.pack_id), loc.offset, loc.length)

@@ -677,7 +677,8 @@ def test_browsing_needs_only_the_directories_index(contract: str, site: Site, tm
     finally:
         umount(mnt, pid)
     logs = "".join(p.read_text() for p in Path(site.tmp_dir(), "mounts").glob("*.log"))
-    assert "cannot load the index" in logs and "authentication failed" in logs
+    damaged = _index_files(site, contract, "index")[0].name
+    assert f"index/{damaged}" in logs and "authentication failed" in logs
 
 
 def test_a_repository_indexed_before_the_split_still_mounts(contract: str, site: Site, tmp_path: Path) -> None:
