@@ -104,8 +104,9 @@ def test_failover_check_and_repair(tmp_path, kiwi, site, ceph_moto, dr_contract)
     lost_pack, bad_pack = packs[-1], packs[-2]
     lost_snap = next(k for k in objs if "/snapshots/" in k)
     lost_index = next(k for k in objs if "/index/" in k)
+    lost_tindex = next(k for k in objs if "/treeindex/" in k)
     config = next(k for k in objs if k.endswith("/config"))
-    for k in (lost_pack, lost_snap, lost_index):
+    for k in (lost_pack, lost_snap, lost_index, lost_tindex):
         primary.delete(k)
     for k in (bad_pack, config):  # same size, one byte flipped: only the AEAD can tell
         data = bytearray(primary.get(k))
@@ -117,7 +118,7 @@ def test_failover_check_and_repair(tmp_path, kiwi, site, ceph_moto, dr_contract)
     kiwi("restore", dr_contract, "latest", "--target", str(out))
     assert rsync_diff(src, restored(out, src)) == ""
     recorded = {(r["details"]["key"], r["details"]["location"]) for r in failovers(site)}
-    for k in (lost_pack, lost_snap, lost_index, bad_pack, config):
+    for k in (lost_pack, lost_snap, lost_index, lost_tindex, bad_pack, config):
         assert (k, "primary") in recorded, (k, recorded)
     reasons = {r["details"]["key"]: r["details"]["reason"] for r in failovers(site)}
     assert "authentication" in reasons[bad_pack] and "missing" in reasons[lost_pack]
@@ -126,7 +127,7 @@ def test_failover_check_and_repair(tmp_path, kiwi, site, ceph_moto, dr_contract)
     code, msg = kiwi("check", dr_contract, "--locations", "--read-data", "--json", ok=False)
     assert code == 5
     found = {(d["key"], d["location"], d["problem"]) for d in json.loads(msg.split("\nkiwi-restore:")[0])["differences"]}
-    for k in (lost_pack, lost_snap, lost_index):
+    for k in (lost_pack, lost_snap, lost_index, lost_tindex):
         assert (k, "primary", "missing") in found
     assert (bad_pack, "primary", "corrupt") in found and (config, "primary", "corrupt") in found
     assert not any(loc == "replica" for _, loc, _ in found)
@@ -135,7 +136,7 @@ def test_failover_check_and_repair(tmp_path, kiwi, site, ceph_moto, dr_contract)
     assert code == 5 and f"missing: {lost_pack} in primary" in msg and bad_pack not in msg
 
     _, msg = kiwi("repair", dr_contract)
-    assert "5 objects copied" in msg, msg
+    assert "6 objects copied" in msg, msg
     _, msg = kiwi("check", dr_contract, "--locations", "--read-data")
     assert "identical" in msg
     n = len(failovers(site))
