@@ -53,6 +53,7 @@ def check(repo: Repository, read_data: bool = False,
                 rep.problems.append(str(e))
     rep.snapshots = len(snaps)
     index = repo.load_index()
+    rep.problems.extend(repo.tree_index_problems())
     packs = dict(repo.list_packs())
     rep.packs = len(packs)
 

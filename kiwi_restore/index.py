@@ -38,9 +38,9 @@ class IndexFile:
     def __init__(self, file_id: bytes, packs: list[bytes], records: bytes, supersedes: list[bytes],
                  folder: str = "index") -> None:
         if len(records) % RECORD.size:
-            raise IntegrityError(f"index {file_id.hex()}: record table has a bad length")
+            raise IntegrityError(f"{folder} {file_id.hex()}: record table has a bad length")
         self.file_id = file_id
-        self.folder = folder  # "index", or "treeindex" for a file of tree records only
+        self.folder = folder  # "index", or "treeindex" for a copy of tree records
         self.packs = packs
         self.records = records
         self.count = len(records) // RECORD.size
@@ -69,7 +69,7 @@ class IndexFile:
     def _location(self, i: int) -> BlobLocation:
         blob_id, pack_no, offset, length, raw, kind = RECORD.unpack_from(self.records, i * RECORD.size)
         if pack_no >= len(self.packs):
-            raise IntegrityError(f"index {self.file_id.hex()}: record points to pack #{pack_no} beyond its table")
+            raise IntegrityError(f"{self.folder} {self.file_id.hex()}: record points to pack #{pack_no} beyond its table")
         return BlobLocation(blob_id, self.packs[pack_no], offset, length, raw, kind)
 
     def __iter__(self) -> Iterator[BlobLocation]:
@@ -82,7 +82,7 @@ class IndexFile:
             doc = msgpack.unpackb(payload, raw=False)
             return cls(file_id, list(doc["packs"]), doc["records"], list(doc.get("supersedes", [])), folder)
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
-            raise IntegrityError(f"index {file_id.hex()}: malformed ({exc})") from None
+            raise IntegrityError(f"{folder} {file_id.hex()}: malformed ({exc})") from None
 
 
 def encode_index(entries: Iterable[BlobLocation], supersedes: Iterable[bytes] = ()) -> bytes:

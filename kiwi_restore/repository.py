@@ -3,13 +3,14 @@
     <prefix>/config                 repository settings (encrypted)
     <prefix>/data/<2 hex>/<id hex>  packs of chunk and tree blobs
     <prefix>/index/<id hex>         blob index files
-    <prefix>/treeindex/<id hex>     index files of tree blobs only (what browsing needs)
+    <prefix>/treeindex/<id hex>     copies of the index's tree records (what browsing needs)
     <prefix>/snapshots/<id hex>     snapshot manifests
     <prefix>/locks/<id hex>         writer locks
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -41,12 +42,14 @@ from .crypto import (
     preamble,
     seal,
 )
-from .errors import AuthError, BackendError, IntegrityError, LockedError, NotFound
+from .errors import AuthError, BackendError, IntegrityError, KiwiError, LockedError, NotFound
 from .i18n import _
 from .index import BlobLocation, IndexFile, MasterIndex, encode_index
 from .snapshot import Snapshot
 from .storage.base import Backend
 from .tree import Node, decode_tree
+
+log = logging.getLogger("kiwi_restore.repository")
 
 CONFIG_ID = bytes(ID_SIZE)
 PACK_TARGET = 8 << 20
@@ -55,10 +58,10 @@ LOCK_REFRESH_SECONDS = 5 * 60
 DEFAULT_CHUNKER = {"algorithm": "fastcdc2020", "min_size": 64 << 10, "avg_size": 256 << 10,
                    "max_size": 1 << 20, "normalization": 1}
 INDEX_CONSOLIDATE_AT = 16
-# tree records are indexed apart, so a mount reads the index of the directories alone:
-# a few hundredths of the whole, whatever the number of files
+# the index's tree records, copied apart: a mount starts from the directories' index alone
+# (one record per directory, not per file), whatever the number of files
 TREE_INDEX = "treeindex"
-INDEX_FOLDERS = (TREE_INDEX, "index")
+INDEX_RETRY_SECONDS = 10.0  # a damaged index fails the reads that follow alike, meanwhile
 
 
 class _ConfigNotOpened(IntegrityError):
@@ -130,7 +133,9 @@ class Repository:
         self.keys = keys
         self.config = config
         self.index = MasterIndex()
-        self._index_folders: set[str] = set()  # the index folders loaded into self.index
+        self._index_loaded = False
+        self._index_failed: tuple[float, Exception] | None = None
+        self.tree_index: MasterIndex | None = None  # treeindex/, while the index is not loaded
         self._index_lock = threading.Lock()
         self.tree_cache = LRU(tree_cache_bytes, size_of=lambda v: v[1])
 
@@ -208,78 +213,111 @@ class Repository:
 
     # -- index -----------------------------------------------------------------
     def load_index(self) -> MasterIndex:
-        """The whole index: every index file of both folders, superseded files left out."""
-        return self._load_index(INDEX_FOLDERS)
-
-    def load_tree_index(self) -> MasterIndex:
-        """The index files of tree blobs alone (a mount's start); `locate` loads the rest
-        when it is asked for a blob they do not hold."""
-        return self._load_index((TREE_INDEX,))
-
-    def _load_index(self, folders: tuple[str, ...]) -> MasterIndex:
+        """The index: every file of index/, superseded files left out."""
         with self._index_lock:
-            todo = [f for f in folders if f not in self._index_folders]
-            if todo:
-                loaded = {f.file_id for f in self.index.files}
-                for attempt in range(3):
-                    files = []
-                    try:
-                        for folder in todo:
-                            for iid, _size in self._ids(folder):
-                                if iid not in loaded:
-                                    payload = self._get_object(f"{folder}/{iid.hex()}", KIND_INDEX, iid)
-                                    files.append(IndexFile.decode(iid, payload, folder))
-                        break
-                    except IntegrityError as exc:
-                        # a writer merging the index deletes old files after writing the new one:
-                        # list again once before calling a missing index file damage
-                        if "missing" not in str(exc) or attempt == 2:
-                            raise
+            if not self._index_loaded:
+                failed = self._index_failed
+                if failed is not None and time.monotonic() - failed[0] < INDEX_RETRY_SECONDS:
+                    # not read again for each blob a mount's workers look up meanwhile
+                    raise type(failed[1])(*failed[1].args)
+                try:
+                    files = self._read_index_files("index")
+                except KiwiError as exc:
+                    self._index_failed = (time.monotonic(), exc)
+                    raise
                 for f in files:
                     self.index.add_file(f)
                 self.index.drop_superseded()
-                self._index_folders.update(todo)
+                self._index_loaded = True
+                self.tree_index = None  # the index holds every tree record too
         return self.index
+
+    def load_tree_index(self) -> None:
+        """The copy of the index's tree records (treeindex/) alone: what a mount needs to
+        start. `locate` loads the index when asked for a blob the copy does not hold (a
+        file's content; a tree the copy lacks, in a repository written before it existed)."""
+        with self._index_lock:
+            if self._index_loaded or self.tree_index is not None:
+                return
+            trees = MasterIndex()
+            try:
+                for f in self._read_index_files(TREE_INDEX):
+                    trees.add_file(f)
+            except IntegrityError as exc:  # only a copy: the index itself will answer
+                log.warning("%s; the directories are looked up in the whole index", exc)
+                return
+            trees.drop_superseded()
+            self.tree_index = trees
+
+    def tree_index_problems(self) -> list[str]:
+        """What is wrong with the copies of the tree records (treeindex/): unreadable files,
+        records that are not trees or that the index does not hold. Loads the index."""
+        index = self.load_index()
+        problems = []
+        for iid, _size in self._ids(TREE_INDEX):
+            try:
+                f = IndexFile.decode(iid, self._get_object(f"{TREE_INDEX}/{iid.hex()}", KIND_INDEX, iid), TREE_INDEX)
+                stray = [loc.blob_id for loc in f if loc.kind != KIND_TREE or index.find(loc.blob_id) is None]
+            except IntegrityError as exc:
+                problems.append(str(exc))
+                continue
+            if stray:
+                problems.append(f"{TREE_INDEX}/{iid.hex()}: {len(stray)} records the index does not hold as "
+                                f"trees (first {stray[0].hex()})")
+        return problems
+
+    def _read_index_files(self, folder: str) -> list[IndexFile]:
+        for attempt in range(3):
+            try:
+                return [IndexFile.decode(iid, self._get_object(f"{folder}/{iid.hex()}", KIND_INDEX, iid), folder)
+                        for iid, _size in self._ids(folder)]
+            except IntegrityError as exc:
+                # a writer merging the index deletes old files after writing the new one:
+                # list again before calling a missing index file damage
+                if "missing" not in str(exc) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _reset_index(self) -> None:
         with self._index_lock:
             self.index = MasterIndex()
-            self._index_folders = set()
+            self._index_loaded = False
+            self._index_failed = None
+            self.tree_index = None
 
     def _write_index_file(self, folder: str, entries: list[BlobLocation], supersedes: list[bytes]) -> bytes:
         iid = new_id()
         self._put_object(f"{folder}/{iid.hex()}", KIND_INDEX, iid, encode_index(entries, supersedes))
         return iid
 
-    def write_index(self, entries: list[BlobLocation]) -> list[bytes]:
-        """Index ENTRIES (blobs whose packs are all stored): tree records in a treeindex
-        file, the others in an index file; returns the new files' ids."""
+    def write_index(self, entries: list[BlobLocation]) -> bytes:
+        """Index ENTRIES (blobs whose packs are all stored) in a new index/ file, then copy
+        their tree records into a treeindex/ file: after, so the copy never names a blob that
+        the index does not."""
+        iid = self._write_index_file("index", entries, [])
         trees = [e for e in entries if e.kind == KIND_TREE]
-        others = [e for e in entries if e.kind != KIND_TREE]
-        ids = []
         if trees:
-            ids.append(self._write_index_file(TREE_INDEX, trees, []))
-        if others or not trees:
-            ids.append(self._write_index_file("index", others, []))
-        return ids
+            self._write_index_file(TREE_INDEX, trees, [])
+        return iid
 
     def consolidate_index(self) -> bool:
-        """Merge the index files into one per folder when there are many (writers hold the lock)."""
-        self._reset_index()  # reload: the index files this session just wrote are merged too
+        """Merge the index files into one when there are many (writers hold the lock), and
+        their tree records' copies into one."""
+        self._reset_index()  # reload: the index file this session just wrote is merged too
         self.load_index()
-        files = list(self.index.files)
-        if len(files) < INDEX_CONSOLIDATE_AT:
+        if len(self.index.files) < INDEX_CONSOLIDATE_AT:
             return False
+        # every file listed, superseded ones a stopped merge left behind included: their
+        # records are in the files that superseded them, which this merge takes in
+        old = [iid for iid, _size in self._ids("index")]
+        old_trees = [iid for iid, _size in self._ids(TREE_INDEX)]
         locations = list(self.index.all_locations())
-        # the tree file first, superseding tree files only: a writer stopped before the second
-        # file leaves the index/ files in force, tree records of older files included
-        # (repeated records are harmless), so nothing is ever unindexed
-        self._write_index_file(TREE_INDEX, [e for e in locations if e.kind == KIND_TREE],
-                               [f.file_id for f in files if f.folder == TREE_INDEX])
-        self._write_index_file("index", [e for e in locations if e.kind != KIND_TREE],
-                               [f.file_id for f in files if f.folder != TREE_INDEX])
-        for f in files:
-            self.backend.delete(f"{self.prefix}{f.folder}/{f.file_id.hex()}")
+        self._write_index_file("index", locations, old)
+        # the copy whole again (a repository from before treeindex/ gets it here)
+        self._write_index_file(TREE_INDEX, [e for e in locations if e.kind == KIND_TREE], old_trees)
+        for folder, ids in (("index", old), (TREE_INDEX, old_trees)):
+            for iid in ids:
+                self.backend.delete(f"{self.prefix}{folder}/{iid.hex()}")
         self._reset_index()
         self.load_index()
         return True
@@ -290,16 +328,20 @@ class Repository:
         return f"{self.prefix}data/{h[:2]}/{h}"
 
     def locate(self, blob_id: bytes) -> BlobLocation:
-        loc = self.index.find(blob_id) if self._index_folders else None
-        if loc is None:  # not loaded yet, or only the tree index was
-            loc = self.load_index().find(blob_id)
+        if self._index_loaded:
+            loc = self.index.find(blob_id)
+        else:
+            trees = self.tree_index
+            loc = trees.find(blob_id) if trees is not None else None
+            if loc is None:
+                loc = self.load_index().find(blob_id)
         if loc is None:
             raise IntegrityError(f"blob {blob_id.hex()} is not in the index")
         return loc
 
     def locate_loaded(self, blob_id: bytes) -> BlobLocation | None:
-        """The blob's location if the index loaded so far holds it; never loads or waits."""
-        return self.index.find(blob_id)
+        """The blob's location if the index is loaded; never loads or waits."""
+        return self.index.find(blob_id) if self._index_loaded else None
 
     def read_sealed(self, loc: BlobLocation) -> bytes:
         try:

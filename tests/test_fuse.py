@@ -653,8 +653,8 @@ def _index_files(site: Site, contract: str, folder: str) -> list[Path]:
 
 
 def test_browsing_needs_only_the_directories_index(contract: str, site: Site, tmp_path: Path) -> None:
-    """The mount starts from treeindex/ alone: with every index/ file (the chunks' records)
-    damaged, the tree still lists, and only reading a file's content fails, with EIO."""
+    """The mount starts from treeindex/ alone: with every index/ file damaged, the tree still
+    lists, and only reading a file's content fails, with EIO."""
     src = tmp_path / "src"
     (src / "a" / "b").mkdir(parents=True)
     (src / "a" / "b" / "f.txt").write_text("content\n")
@@ -681,21 +681,14 @@ def test_browsing_needs_only_the_directories_index(contract: str, site: Site, tm
     assert f"index/{damaged}" in logs and "authentication failed" in logs
 
 
-def test_a_repository_indexed_before_the_split_still_mounts(contract: str, site: Site, tmp_path: Path) -> None:
-    """Tree records in index/ files (as written before treeindex/ existed): the mount finds
-    the trees in the whole index."""
+def test_a_repository_without_the_tree_copy_still_mounts(contract: str, site: Site, tmp_path: Path) -> None:
+    """No treeindex/ (written before it existed): the mount finds the trees in the index."""
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "x.bin").write_bytes(os.urandom(300_000))
     run_cli("backup", contract, str(src), "-m", "pc1", check=True)
-    repo = site.open_repository(site.contract(contract))
-    repo.load_index()
-    old = list(repo.index.files)
-    with repo.lock():
-        repo._write_index_file("index", list(repo.index.all_locations()), [f.file_id for f in old])
-        for f in old:
-            repo.backend.delete(f"{repo.prefix}{f.folder}/{f.file_id.hex()}")
-    assert _index_files(site, contract, "treeindex") == []
+    for p in _index_files(site, contract, "treeindex"):
+        p.unlink()
     mnt = tmp_path / "mnt"
     pid = mount(mnt)
     try:

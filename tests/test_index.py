@@ -1,4 +1,4 @@
-"""The index in two folders: treeindex/ (directories) and index/ (the rest), merged per folder."""
+"""The index (index/) and the copy of its tree records (treeindex/), which a mount starts from."""
 
 from __future__ import annotations
 
@@ -12,52 +12,91 @@ from kiwi_restore.site import Site
 
 def index_names(site: Site, contract: str, folder: str) -> list[str]:
     base = Path(site.path("store")) / site.contract(contract).prefix / folder
-    return sorted(p.name for p in base.iterdir() if p.is_file())
+    return sorted(p.name for p in base.iterdir() if p.is_file()) if base.exists() else []
 
 
-def backups(kiwi, contract: str, src: Path, n: int) -> None:
-    for i in range(n):
+def backups(kiwi, contract: str, src: Path, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
         (src / f"d{i}").mkdir(parents=True)
         (src / f"d{i}" / "f").write_bytes(os.urandom(5000))
         kiwi("backup", contract, "-m", "pc1", str(src))
 
 
-def test_a_backup_indexes_its_trees_apart(kiwi, contract, site, tmp_path):
-    backups(kiwi, contract, tmp_path / "src", 1)
+def tree_records(index) -> set:
+    return {(loc.blob_id, loc.pack_id, loc.offset) for loc in index.all_locations() if loc.kind == KIND_TREE}
+
+
+def test_the_tree_copy_holds_the_index_s_trees_and_nothing_else(kiwi, contract, site, tmp_path):
+    backups(kiwi, contract, tmp_path / "src", 2)
     repo = site.open_repository(site.contract(contract))
     repo.load_tree_index()
-    assert repo.index.files and all(f.folder == TREE_INDEX for f in repo.index.files)
-    assert all(loc.kind == KIND_TREE for loc in repo.index.all_locations())
-    snap = repo.list_snapshots()[0]
-    assert repo.locate(snap.tree).kind == KIND_TREE
-    repo.load_index()
-    assert {f.folder for f in repo.index.files} == {TREE_INDEX, "index"}
-    assert all(loc.kind != KIND_TREE for f in repo.index.files if f.folder == "index" for loc in f)
+    copy = repo.tree_index
+    assert copy is not None and len(copy.files) == 2  # one per backup
+    assert all(loc.kind == KIND_TREE for loc in copy.all_locations())
+    assert not repo._index_loaded  # a mount's start reads nothing else
+    for snap in repo.list_snapshots():
+        assert repo.locate(snap.tree).kind == KIND_TREE
+    assert not repo._index_loaded
+    assert tree_records(copy) == tree_records(repo.load_index())
 
 
 def test_the_merge_keeps_one_file_per_folder(kiwi, contract, site, tmp_path):
-    backups(kiwi, contract, tmp_path / "src", INDEX_CONSOLIDATE_AT // 2)  # two files each
-    assert len(index_names(site, contract, TREE_INDEX)) == 1
+    backups(kiwi, contract, tmp_path / "src", INDEX_CONSOLIDATE_AT)
     assert len(index_names(site, contract, "index")) == 1
-    kiwi("check", contract, "--read-data")
-    out = tmp_path / "out"
-    kiwi("restore", contract, "latest", str(tmp_path / "src"), "--target", str(out))
-    assert len(list(out.rglob("f"))) == INDEX_CONSOLIDATE_AT // 2
-
-
-def test_a_merge_stopped_between_its_two_files_loses_nothing(kiwi, contract, site, tmp_path):
-    backups(kiwi, contract, tmp_path / "src", 3)
+    assert len(index_names(site, contract, TREE_INDEX)) == 1
     repo = site.open_repository(site.contract(contract))
-    repo.load_index()
-    files = list(repo.index.files)
-    trees = [loc for loc in repo.index.all_locations() if loc.kind == KIND_TREE]
-    with repo.lock():  # the merge's first write, then nothing: a crash
-        repo._write_index_file(TREE_INDEX, trees, [f.file_id for f in files if f.folder == TREE_INDEX])
+    repo.load_tree_index()
+    assert tree_records(repo.tree_index) == tree_records(repo.load_index())
+    kiwi("check", contract, "--read-data")
+
+
+def test_a_repository_without_the_copy_gets_it_at_its_next_merge(kiwi, contract, site, tmp_path):
+    """Written before treeindex/ existed (or the copies lost): trees are found in the index,
+    and the merge writes the whole copy."""
+    src = tmp_path / "src"
+    backups(kiwi, contract, src, 3)
+    store = Path(site.path("store")) / site.contract(contract).prefix / TREE_INDEX
+    for p in store.iterdir():
+        p.unlink()
+    repo = site.open_repository(site.contract(contract))
+    repo.load_tree_index()
+    for snap in repo.list_snapshots():  # not in the (empty) copy: looked up in the index
+        assert repo.locate(snap.tree).kind == KIND_TREE
+    backups(kiwi, contract, src, INDEX_CONSOLIDATE_AT - 3, start=3)
     fresh = site.open_repository(site.contract(contract))
     fresh.load_tree_index()
-    assert len(fresh.index.files) == 1  # the merged file; the ones it supersedes are left out
+    assert tree_records(fresh.tree_index) == tree_records(fresh.load_index())
+
+
+def test_a_merge_while_a_mount_holds_only_the_copy(kiwi, contract, site, tmp_path):
+    """The race a split index would have: the reader loaded the tree copy, then a writer
+    merged and deleted every file it had seen; the index, read afterwards, answers alone."""
+    src = tmp_path / "src"
+    backups(kiwi, contract, src, 2)
+    reader = site.open_repository(site.contract(contract))
+    reader.load_tree_index()
+    snaps = reader.list_snapshots()
+    backups(kiwi, contract, src, INDEX_CONSOLIDATE_AT - 2, start=2)  # the last one merges
+    assert len(index_names(site, contract, "index")) == 1
+    for snap in snaps:
+        assert reader.locate(snap.tree).kind == KIND_TREE  # from the copy it holds
+    out = tmp_path / "out"
+    kiwi("restore", contract, snaps[0].hex, str(src), "--target", str(out))
+    assert reader.locate(next(iter(reader.load_index().all_locations())).blob_id)
+
+
+def test_a_merge_stopped_before_the_copy_loses_nothing(kiwi, contract, site, tmp_path):
+    backups(kiwi, contract, tmp_path / "src", 3)
+    repo = site.open_repository(site.contract(contract))
+    index = repo.load_index()
+    old = [f.file_id for f in index.files]
+    with repo.lock():  # the merge's first write, then nothing: a crash
+        repo._write_index_file("index", list(index.all_locations()), old)
+    fresh = site.open_repository(site.contract(contract))
+    fresh.load_tree_index()  # the old copies: still true, the blobs have not moved
     for snap in fresh.list_snapshots():
         assert fresh.locate(snap.tree).kind == KIND_TREE
+    assert len(fresh.load_index().files) == 1
     kiwi("check", contract, "--read-data")
     out = tmp_path / "out"
     kiwi("restore", contract, "latest", str(tmp_path / "src"), "--target", str(out))
