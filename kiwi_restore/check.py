@@ -52,8 +52,9 @@ def check(repo: Repository, read_data: bool = False,
             except IntegrityError as e:
                 rep.problems.append(str(e))
     rep.snapshots = len(snaps)
+    copies = repo.list_tree_index()  # before the index: each copy's index file is then read
     index = repo.load_index()
-    rep.problems.extend(repo.tree_index_problems())
+    rep.problems.extend(repo.tree_index_problems(copies))
     packs = dict(repo.list_packs())
     rep.packs = len(packs)
 

@@ -134,6 +134,7 @@ class Repository:
         self.config = config
         self.index = MasterIndex()
         self._index_loaded = False
+        self._index_read: list[bytes] = []  # ids of the index files read, superseded ones included
         self._index_failed: tuple[float, Exception] | None = None
         self.tree_index: MasterIndex | None = None  # treeindex/, while the index is not loaded
         self._index_lock = threading.Lock()
@@ -228,6 +229,7 @@ class Repository:
                 for f in files:
                     self.index.add_file(f)
                 self.index.drop_superseded()
+                self._index_read = [f.file_id for f in files]
                 self._index_loaded = True
                 self.tree_index = None  # the index holds every tree record too
         return self.index
@@ -243,24 +245,34 @@ class Repository:
             try:
                 for f in self._read_index_files(TREE_INDEX):
                     trees.add_file(f)
-            except IntegrityError as exc:  # only a copy: the index itself will answer
+            except KiwiError as exc:  # only a copy: the index itself will answer
                 log.warning("%s; the directories are looked up in the whole index", exc)
                 return
             trees.drop_superseded()
             self.tree_index = trees
 
-    def tree_index_problems(self) -> list[str]:
-        """What is wrong with the copies of the tree records (treeindex/): unreadable files,
-        records that are not trees or that the index does not hold. Loads the index."""
+    def list_tree_index(self) -> list[bytes]:
+        """The ids of the treeindex/ files (list them before loading the index, so that
+        every copy listed has its index file among those the index load reads)."""
+        return [iid for iid, _size in self._ids(TREE_INDEX)]
+
+    def tree_index_problems(self, listed: list[bytes]) -> list[str]:
+        """What is wrong with the treeindex/ files LISTED (before the index was loaded):
+        unreadable files, records that the index does not hold as trees."""
         index = self.load_index()
         problems = []
-        for iid, _size in self._ids(TREE_INDEX):
+        for iid in listed:
             try:
                 f = IndexFile.decode(iid, self._get_object(f"{TREE_INDEX}/{iid.hex()}", KIND_INDEX, iid), TREE_INDEX)
-                stray = [loc.blob_id for loc in f if loc.kind != KIND_TREE or index.find(loc.blob_id) is None]
             except IntegrityError as exc:
-                problems.append(str(exc))
+                if "missing" not in str(exc):  # else merged meanwhile: its records are in another copy
+                    problems.append(str(exc))
                 continue
+            stray = []
+            for loc in f:
+                held = index.find(loc.blob_id)
+                if loc.kind != KIND_TREE or held is None or held.kind != KIND_TREE:
+                    stray.append(loc.blob_id)
             if stray:
                 problems.append(f"{TREE_INDEX}/{iid.hex()}: {len(stray)} records the index does not hold as "
                                 f"trees (first {stray[0].hex()})")
@@ -280,8 +292,9 @@ class Repository:
 
     def _reset_index(self) -> None:
         with self._index_lock:
+            self._index_loaded = False  # first: a locate meanwhile loads rather than miss
             self.index = MasterIndex()
-            self._index_loaded = False
+            self._index_read = []
             self._index_failed = None
             self.tree_index = None
 
@@ -304,20 +317,25 @@ class Repository:
         """Merge the index files into one when there are many (writers hold the lock), and
         their tree records' copies into one."""
         self._reset_index()  # reload: the index file this session just wrote is merged too
+        # the copies first: each one listed has its index file among those read next
+        old_trees = self.list_tree_index()
         self.load_index()
         if len(self.index.files) < INDEX_CONSOLIDATE_AT:
             return False
-        # every file listed, superseded ones a stopped merge left behind included: their
-        # records are in the files that superseded them, which this merge takes in
-        old = [iid for iid, _size in self._ids("index")]
-        old_trees = [iid for iid, _size in self._ids(TREE_INDEX)]
+        # only the files read (superseded ones a stopped merge left behind included: their
+        # records are in the files that superseded them); never one written since, by a
+        # writer whose lock was judged stale: its records would be lost
+        old = list(self._index_read)
         locations = list(self.index.all_locations())
         self._write_index_file("index", locations, old)
         # the copy whole again (a repository from before treeindex/ gets it here)
         self._write_index_file(TREE_INDEX, [e for e in locations if e.kind == KIND_TREE], old_trees)
         for folder, ids in (("index", old), (TREE_INDEX, old_trees)):
             for iid in ids:
-                self.backend.delete(f"{self.prefix}{folder}/{iid.hex()}")
+                try:
+                    self.backend.delete(f"{self.prefix}{folder}/{iid.hex()}")
+                except NotFound:
+                    pass
         self._reset_index()
         self.load_index()
         return True
@@ -333,7 +351,7 @@ class Repository:
         else:
             trees = self.tree_index
             loc = trees.find(blob_id) if trees is not None else None
-            if loc is None:
+            if loc is None or loc.kind != KIND_TREE:  # the copy answers for trees only
                 loc = self.load_index().find(blob_id)
         if loc is None:
             raise IntegrityError(f"blob {blob_id.hex()} is not in the index")

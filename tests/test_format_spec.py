@@ -202,8 +202,11 @@ class Reader:
 
     def tree_copy(self) -> dict[bytes, tuple[bytes, int, int, int, int]]:  # section 11, treeindex/
         index: dict[bytes, tuple[bytes, int, int, int, int]] = {}
-        for iid in self.ids("treeindex"):
-            doc = unpack(self.read_object(f"treeindex/{iid.hex()}", INDEX, iid))
+        docs = {iid: unpack(self.read_object(f"treeindex/{iid.hex()}", INDEX, iid)) for iid in self.ids("treeindex")}
+        gone = {s for doc in docs.values() for s in doc.get("supersedes", [])}
+        for iid, doc in docs.items():
+            if iid in gone:
+                continue
             packs, records = doc["packs"], doc["records"]
             for i in range(0, len(records), 49):
                 blob_id, pack_no, offset, length, raw_length, kind = struct.unpack(">32sIIIIB", records[i:i + 49])

@@ -696,3 +696,24 @@ def test_a_repository_without_the_tree_copy_still_mounts(contract: str, site: Si
         assert (root / "d" / "x.bin").read_bytes() == (src / "d" / "x.bin").read_bytes()
     finally:
         umount(mnt, pid)
+
+
+def test_a_damaged_tree_copy_falls_back_to_the_index(contract: str, site: Site, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "x").write_text("x\n")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    for p in _index_files(site, contract, "treeindex"):
+        data = bytearray(p.read_bytes())
+        data[-5] ^= 0x01
+        p.write_bytes(bytes(data))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = run_cli("mount", contract, str(mnt), timeout=60)
+    assert p.returncode == 0 and b"looked up in the whole index" in p.stderr  # said, and mounted
+    try:
+        assert (mnt / "pc1" / "latest" / str(src).lstrip("/") / "d" / "x").read_text() == "x\n"
+    finally:
+        umount(mnt, int(re.search(rb"process (\d+)", p.stdout).group(1)))
+    p = run_cli("check", contract)
+    assert p.returncode == 5 and b"treeindex/" in p.stdout + p.stderr

@@ -78,11 +78,9 @@ def test_a_merge_while_a_mount_holds_only_the_copy(kiwi, contract, site, tmp_pat
     snaps = reader.list_snapshots()
     backups(kiwi, contract, src, INDEX_CONSOLIDATE_AT - 2, start=2)  # the last one merges
     assert len(index_names(site, contract, "index")) == 1
-    for snap in snaps:
-        assert reader.locate(snap.tree).kind == KIND_TREE  # from the copy it holds
-    out = tmp_path / "out"
-    kiwi("restore", contract, snaps[0].hex, str(src), "--target", str(out))
-    assert reader.locate(next(iter(reader.load_index().all_locations())).blob_id)
+    for snap in snaps:  # the copy it holds still points at the right bytes: blobs never move
+        assert reader.load_tree(snap.tree)
+    assert not reader._index_loaded
 
 
 def test_a_merge_stopped_before_the_copy_loses_nothing(kiwi, contract, site, tmp_path):
@@ -101,3 +99,51 @@ def test_a_merge_stopped_before_the_copy_loses_nothing(kiwi, contract, site, tmp
     out = tmp_path / "out"
     kiwi("restore", contract, "latest", str(tmp_path / "src"), "--target", str(out))
     assert len(list(out.rglob("f"))) == 3
+
+
+def test_after_a_merge_the_reader_finds_a_tree_its_copy_lacks(kiwi, contract, site, tmp_path):
+    src = tmp_path / "src"
+    backups(kiwi, contract, src, 2)
+    reader = site.open_repository(site.contract(contract))
+    reader.load_tree_index()
+    backups(kiwi, contract, src, INDEX_CONSOLIDATE_AT - 2, start=2)  # the last one merges
+    newest = max(site.open_repository(site.contract(contract)).list_snapshots(), key=lambda s: s.time)
+    assert reader.tree_index.find(newest.tree) is None  # the copy it holds predates it
+    assert reader.locate(newest.tree).kind == KIND_TREE  # so the index, read now, answers
+
+
+def test_a_merge_never_drops_an_index_file_it_did_not_read(kiwi, contract, site, tmp_path, monkeypatch):
+    """A writer whose lock was judged stale writes its index file while a merge is under
+    way: the merge leaves it in force."""
+    src = tmp_path / "src"
+    backups(kiwi, contract, src, INDEX_CONSOLIDATE_AT - 1)  # not merged yet
+    merger = site.open_repository(site.contract(contract))
+    late = site.open_repository(site.contract(contract))
+    entry = next(iter(merger.load_index().files[0]))  # any record: the late writer indexes it again
+    merger.write_index([entry])  # the merge's threshold reached
+    merger._reset_index()
+    load = merger.load_index
+
+    def load_then_a_late_writer_indexes():
+        index = load()
+        if not hasattr(late, "wrote"):
+            late.wrote = late.write_index([entry])
+        return index
+
+    monkeypatch.setattr(merger, "load_index", load_then_a_late_writer_indexes)
+    assert merger.consolidate_index()
+    assert late.wrote.hex() in index_names(site, contract, "index")  # neither superseded nor deleted
+    fresh = site.open_repository(site.contract(contract))
+    assert late.wrote in {f.file_id for f in fresh.load_index().files}
+
+
+def test_a_merge_after_a_stopped_merge_leaves_one_file(kiwi, contract, site, tmp_path):
+    src = tmp_path / "src"
+    backups(kiwi, contract, src, 3)
+    repo = site.open_repository(site.contract(contract))
+    index = repo.load_index()
+    with repo.lock():  # merged file written, the old ones not deleted: a crash
+        repo._write_index_file("index", list(index.all_locations()), [f.file_id for f in index.files])
+    backups(kiwi, contract, src, INDEX_CONSOLIDATE_AT - 1, start=3)  # 16 in force at the last: merged
+    assert len(index_names(site, contract, "index")) == 1  # the superseded ones went too
+    kiwi("check", contract)
