@@ -263,7 +263,7 @@ class Repository:
         problems = []
         for iid in listed:
             try:
-                f = IndexFile.decode(iid, self._get_object(f"{TREE_INDEX}/{iid.hex()}", KIND_INDEX, iid), TREE_INDEX)
+                f = self._read_index_file(TREE_INDEX, iid)
             except IntegrityError as exc:
                 if "missing" not in str(exc):  # else merged meanwhile: its records are in another copy
                     problems.append(str(exc))
@@ -278,11 +278,13 @@ class Repository:
                                 f"trees (first {stray[0].hex()})")
         return problems
 
+    def _read_index_file(self, folder: str, iid: bytes) -> IndexFile:
+        return IndexFile.decode(iid, self._get_object(f"{folder}/{iid.hex()}", KIND_INDEX, iid), folder)
+
     def _read_index_files(self, folder: str) -> list[IndexFile]:
         for attempt in range(3):
             try:
-                return [IndexFile.decode(iid, self._get_object(f"{folder}/{iid.hex()}", KIND_INDEX, iid), folder)
-                        for iid, _size in self._ids(folder)]
+                return [self._read_index_file(folder, iid) for iid, _size in self._ids(folder)]
             except IntegrityError as exc:
                 # a writer merging the index deletes old files after writing the new one:
                 # list again before calling a missing index file damage

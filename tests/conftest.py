@@ -96,3 +96,17 @@ def contract(kiwi: Kiwi) -> str:
     kiwi("machine", "add", "acme", "pc1")
     kiwi("machine", "add", "acme", "pc2")
     return "acme"
+
+
+def store_files(site: Site, rec_name: str, folder: str) -> list[Path]:
+    """The files of one folder of a contract's repository on the local store, sorted."""
+    rec = site.contract(rec_name)
+    base = Path(site.path("store")) / rec.prefix / folder
+    return sorted(p for p in base.rglob("*") if p.is_file())
+
+
+def flip(path: Path, offset: int) -> None:
+    """Damage one bit of PATH at OFFSET (negative: from the end)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_site, run_cli
+from conftest import flip, make_site, run_cli, store_files
 
 from kiwi_restore.audit import open_fields
 from kiwi_restore.restore import lookup
@@ -647,11 +647,6 @@ def test_session_ends_when_access_ends(contract: str, site: Site, tmp_path: Path
     assert end[-1]["details"]["reason"] == "access ended"
 
 
-def _index_files(site: Site, contract: str, folder: str) -> list[Path]:
-    base = Path(site.path("store")) / site.contract(contract).prefix / folder
-    return sorted(p for p in base.iterdir() if p.is_file())
-
-
 def test_browsing_needs_only_the_directories_index(contract: str, site: Site, tmp_path: Path) -> None:
     """The mount starts from treeindex/ alone: with every index/ file damaged, the tree still
     lists, and only reading a file's content fails, with EIO."""
@@ -659,11 +654,9 @@ def test_browsing_needs_only_the_directories_index(contract: str, site: Site, tm
     (src / "a" / "b").mkdir(parents=True)
     (src / "a" / "b" / "f.txt").write_text("content\n")
     run_cli("backup", contract, str(src), "-m", "pc1", check=True)
-    assert _index_files(site, contract, "treeindex") and _index_files(site, contract, "index")
-    for p in _index_files(site, contract, "index"):
-        data = bytearray(p.read_bytes())
-        data[-5] ^= 0x01
-        p.write_bytes(bytes(data))
+    assert store_files(site, contract, "treeindex") and store_files(site, contract, "index")
+    for p in store_files(site, contract, "index"):
+        flip(p, -5)
     mnt = tmp_path / "mnt"
     pid = mount(mnt)
     try:
@@ -677,7 +670,7 @@ def test_browsing_needs_only_the_directories_index(contract: str, site: Site, tm
     finally:
         umount(mnt, pid)
     logs = "".join(p.read_text() for p in Path(site.tmp_dir(), "mounts").glob("*.log"))
-    damaged = _index_files(site, contract, "index")[0].name
+    damaged = store_files(site, contract, "index")[0].name
     assert f"index/{damaged}" in logs and "authentication failed" in logs
 
 
@@ -687,7 +680,7 @@ def test_a_repository_without_the_tree_copy_still_mounts(contract: str, site: Si
     (src / "d").mkdir(parents=True)
     (src / "d" / "x.bin").write_bytes(os.urandom(300_000))
     run_cli("backup", contract, str(src), "-m", "pc1", check=True)
-    for p in _index_files(site, contract, "treeindex"):
+    for p in store_files(site, contract, "treeindex"):
         p.unlink()
     mnt = tmp_path / "mnt"
     pid = mount(mnt)
@@ -703,10 +696,8 @@ def test_a_damaged_tree_copy_falls_back_to_the_index(contract: str, site: Site, 
     (src / "d").mkdir(parents=True)
     (src / "d" / "x").write_text("x\n")
     run_cli("backup", contract, str(src), "-m", "pc1", check=True)
-    for p in _index_files(site, contract, "treeindex"):
-        data = bytearray(p.read_bytes())
-        data[-5] ^= 0x01
-        p.write_bytes(bytes(data))
+    for p in store_files(site, contract, "treeindex"):
+        flip(p, -5)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     p = run_cli("mount", contract, str(mnt), timeout=60)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from conftest import store_files
+
 from kiwi_restore.crypto import KIND_TREE
 from kiwi_restore.repository import INDEX_CONSOLIDATE_AT, TREE_INDEX
 from kiwi_restore.site import Site
 
 
 def index_names(site: Site, contract: str, folder: str) -> list[str]:
-    base = Path(site.path("store")) / site.contract(contract).prefix / folder
-    return sorted(p.name for p in base.iterdir() if p.is_file()) if base.exists() else []
+    return [p.name for p in store_files(site, contract, folder)]
 
 
 def backups(kiwi, contract: str, src: Path, n: int, start: int = 0) -> None:
@@ -55,8 +56,7 @@ def test_a_repository_without_the_copy_gets_it_at_its_next_merge(kiwi, contract,
     and the merge writes the whole copy."""
     src = tmp_path / "src"
     backups(kiwi, contract, src, 3)
-    store = Path(site.path("store")) / site.contract(contract).prefix / TREE_INDEX
-    for p in store.iterdir():
+    for p in store_files(site, contract, TREE_INDEX):
         p.unlink()
     repo = site.open_repository(site.contract(contract))
     repo.load_tree_index()

@@ -7,22 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import flip, store_files
 from treegen import make_hostile_tree
 
 from kiwi_restore.crypto import KIND_CHUNK, KIND_TREE
 from kiwi_restore.site import Site
-
-
-def store_files(site: Site, rec_name: str, folder: str) -> list[Path]:
-    rec = site.contract(rec_name)
-    base = Path(site.path("store")) / rec.prefix / folder
-    return sorted(p for p in base.rglob("*") if p.is_file())
-
-
-def flip(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
