@@ -567,6 +567,24 @@ def certificate_verify(c: Ctx, document: str, public_key: str | None, as_json: b
 
 
 
+@cli.command("command-server")
+def command_server_cmd() -> None:
+    """Keep kiwi-restore's runtime loaded and run this user's commands from it.
+
+    Every later `kiwi-restore` command of the same user (same runtime directory and
+    language) is forked from this process instead of starting Python and importing
+    everything anew: a mount answers in about 0.2 s instead of 0.4 s. The socket is
+    $XDG_RUNTIME_DIR/kiwi-restore/commands.sock (/run/kiwi-restore for root, or
+    $KIWI_RESTORE_RUNTIME_DIR). Stops on SIGTERM; the mounts it started stay. Meant for a
+    systemd service (scripts/systemd/kiwi-restore-command-server.service).
+    """
+    from . import command_server, launcher
+
+    command_server.run(launcher.runtime_dir())
+
+
+
+
 from .fuse.cli import mount_cmd, umount_cmd  # noqa: E402, I001 - the FUSE view registers its commands
 cli.add_command(mount_cmd), cli.add_command(umount_cmd)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gettext
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 DOMAIN = "kiwi_restore"
@@ -40,3 +41,13 @@ def language() -> str:
         if value:
             return "fr" if value.split(":")[0].lower().startswith("fr") else "en"
     return "en"
+
+
+def catalog_for(env: Mapping[str, str]) -> str | None:
+    """The message catalog gettext would load under the environment ENV (None: English)."""
+    languages = ["C"]
+    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        if env.get(var):
+            languages = env[var].split(":")
+            break
+    return gettext.find(DOMAIN, LOCALE_DIR, languages=languages)

@@ -139,7 +139,10 @@ OURS_ENABLED=${OURS_ENABLED:-1}
 ROOT=$(cd "$HERE/../.." && pwd)
 KIWI=${KIWI:-$ROOT/.venv/bin/kiwi-restore}
 OURS_REPO=$DATA/ours-site
-ours_env() { export KIWI_RESTORE_HOME=$OURS_REPO KIWI_RESTORE_PASSPHRASE=bench-password; }
+ours_env() {
+  export KIWI_RESTORE_HOME=$OURS_REPO KIWI_RESTORE_PASSPHRASE=bench-password KIWI_RESTORE_NO_COMMAND_SERVER=1
+  unset KIWI_RESTORE_RUNTIME_DIR
+}
 ours_prepare() {
   ours_env
   if [[ ! -f $OURS_REPO/kiwi.json ]]; then
@@ -157,11 +160,32 @@ ours_root() { echo "$1/pc1/latest$SRC"; }
 # whole-contract export is measured by scripts/bench_export.py (ours writes to a destination, not stdout)
 ours_export() { false; }
 ours_store() { echo "$OURS_REPO/store"; }
+# "ourscs": the same, the command forked by a warm `kiwi-restore command-server` (started
+# once before the first timing, as a systemd service would be). MOUNT_PID is the caller
+# (the mount ends with it; unmount waits for it); the RSS is the serving child's.
+OURSCS_RUNTIME=$DATA/ourscs-runtime
+OURSCS_PID=""
+ourscs_prepare() { ours_prepare "$@"; }
+ourscs_before_mount() {
+  ours_env; export KIWI_RESTORE_RUNTIME_DIR=$OURSCS_RUNTIME
+  if [[ -z $OURSCS_PID ]] || ! kill -0 "$OURSCS_PID" 2>/dev/null; then
+    "$KIWI" command-server >"$DATA/ourscs-server.log" 2>&1 & OURSCS_PID=$!
+    for _ in $(seq 600); do grep -q "listening on" "$DATA/ourscs-server.log" && break; sleep 0.1; done
+    grep -q "listening on" "$DATA/ourscs-server.log" || { log "command server did not start"; exit 1; }
+    drop_caches  # what its start read is not left in the page cache for the first timing
+  fi
+  unset KIWI_RESTORE_NO_COMMAND_SERVER
+}
+ourscs_mount() { "$KIWI" mount bench "$1" --foreground >"$DATA/ourscs-mount.log" 2>&1 & MOUNT_PID=$!; }
+ourscs_rss_pid() { sed -n 's/^command server: child \([0-9]*\) .*/\1/p' "$DATA/ourscs-server.log" | tail -1; }
+ourscs_root() { ours_root "$@"; }
+ourscs_export() { false; }
+ourscs_store() { ours_store; }
 # <<<<<<<<<<<<<<<<<<<<<<<<<<<<<  END HOOK  >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>
 
 # export commands run in `bash -c` (see bench_util.py run): export what they need
 export DATA SRC RESTIC_REPO BORG_REPO BORG_ARCHIVE OURS_CMD OURS_REPO
-export -f source_export restic_export borg_export ours_export
+export -f source_export restic_export borg_export ours_export ourscs_export
 
 TOOLS=${TOOLS:-"source ptfs restic borg"}
 EXPORTS=${EXPORTS:-"source restic borg"}
@@ -180,7 +204,13 @@ unmount_tool() {
   fi
   ACTIVE_MNT=""; MOUNT_PID=""
 }
-cleanup() { [[ -n "$ACTIVE_MNT" ]] && unmount_tool "$ACTIVE_MNT" "$MOUNT_PID"; true; }
+cleanup() {
+  [[ -n "$ACTIVE_MNT" ]] && unmount_tool "$ACTIVE_MNT" "$MOUNT_PID"
+  [[ -n $OURSCS_PID ]] && kill "$OURSCS_PID" 2>/dev/null
+  true
+}
+# the process whose peak RSS is the tool's (the mount's server; ourscs: the forked child)
+rss_pid() { if declare -F "${1}_rss_pid" >/dev/null; then "${1}_rss_pid"; else echo "$MOUNT_PID"; fi; }
 trap cleanup EXIT INT TERM
 
 # ---- dataset -----------------------------------------------------------------
@@ -240,6 +270,7 @@ mount_fresh() {
   mnt=$MNTBASE/$tool
   mountpoint -q "$mnt" && fusermount3 -u "$mnt"
   mkdir -p "$mnt"
+  if declare -F "${tool}_before_mount" >/dev/null; then "${tool}_before_mount"; fi
   t0=$(date +%s.%N)
   "${tool}_mount" "$mnt"; ACTIVE_MNT=$mnt
   ROOT=$("${tool}_root" "$mnt")
@@ -262,7 +293,7 @@ measure_tool() {
   drop_caches
   $U pread $T --file "$root/$BIG2" --n 2000 --seed "$rep" >/dev/null
   if [[ $tool != source ]]; then
-    $U hwm $T --pid "$MOUNT_PID" >/dev/null
+    $U hwm $T --pid "$(rss_pid "$tool")" >/dev/null
     unmount_tool "$mnt" "$MOUNT_PID"
   fi
 }
@@ -289,7 +320,7 @@ measure_hot() {
     "dd if=$(q "$root/$BIG1") of=/dev/null bs=1M status=none && stat -L -c %s $(q "$root/$BIG1")" >/dev/null
   $U pread $T --prefix rand4k_hot --file "$root/$BIG2" --n 2000 --seed "$rep" >/dev/null
   if [[ $tool != source ]]; then
-    $U hwm $T --metric rss_hwm_hot_MiB --pid "$MOUNT_PID" >/dev/null
+    $U hwm $T --metric rss_hwm_hot_MiB --pid "$(rss_pid "$tool")" >/dev/null
     unmount_tool "$mnt" "$MOUNT_PID"
   fi
 }

@@ -1,0 +1,224 @@
+"""`kiwi-restore command-server` and the launcher in front of every command: a real server
+process on a real Unix socket, the real console script as the caller, real FUSE mounts.
+
+What must hold: a command served by the server behaves as it does run in its own process
+(output, exit status, working directory, umask, signals, a mount's life), and whenever the
+server cannot be trusted or is out of date the command runs in its own process instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_fuse import alive, mounted, snapshot_dirs, umount
+
+from kiwi_restore import launcher
+
+SCRIPT = str(Path(sys.executable).with_name("kiwi-restore"))
+CHILD_LINE = "command server: child "
+
+
+class Server:
+    """A `kiwi-restore command-server` on a private runtime directory, its log in a file."""
+
+    def __init__(self, runtime: Path, log: Path) -> None:
+        self.runtime, self.log_path = runtime, log
+        self.env = {**os.environ, launcher.ENV_RUNTIME_DIR: str(runtime)}
+        self.env.pop(launcher.ENV_NO_SERVER, None)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([SCRIPT, "command-server"], env={**self.env, launcher.ENV_NO_SERVER: "1"},
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        deadline = time.monotonic() + 60
+        while "listening on" not in self.log():
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, "the command server did not start"
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> int:
+        return self.log().count(CHILD_LINE)
+
+    def run(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([SCRIPT, *args], capture_output=True, env={**self.env, **(env or {})},
+                              stdin=subprocess.DEVNULL, timeout=120, **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(home: Path, tmp_path: Path):
+    runtime = tmp_path / "runtime"
+    srv = Server(runtime, tmp_path / "server.log")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_a_command_runs_in_a_child_of_the_server_as_it_would_alone(server: Server, contract: str) -> None:
+    for args in (["contract", "list"], ["snapshots", contract, "--json"], ["snapshots", "nosuch"], ["--help"]):
+        before = server.children()
+        served = server.run(*args)
+        assert server.children() == before + 1, server.log()
+        alone = server.run(*args, env={launcher.ENV_NO_SERVER: "1"})
+        assert server.children() == before + 1  # the second one did not go through the server
+        assert (served.returncode, served.stdout, served.stderr) == (alone.returncode, alone.stdout, alone.stderr)
+    assert served.returncode == 0 and b"command-server" in served.stdout
+    unknown = server.run("snapshots", "nosuch")
+    assert unknown.returncode != 0 and b"nosuch" in unknown.stderr
+
+
+def test_the_child_takes_the_callers_directory_umask_and_environment(server: Server, contract: str,
+                                                                     tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f.txt").write_bytes(b"hello\n")
+    assert server.run("backup", contract, str(src), "-m", "pc1").returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    before = server.children()
+    p = server.run("restore", contract, "latest", "--machine", "pc1", "--target", "out", cwd=work,
+                   preexec_fn=lambda: os.umask(0o077), env={"KIWI_RESTORE_ACTOR": "support-7"})
+    assert p.returncode == 0, p.stderr
+    assert server.children() == before + 1
+    restored = work / "out" / str(src).lstrip("/") / "d" / "f.txt"
+    assert restored.read_bytes() == b"hello\n"
+    assert stat.S_IMODE((work / "out").stat().st_mode) == 0o700  # made under the caller's umask
+    # the audit trail names the actor of the caller's environment
+    assert "support-7" in run_cli("audit", "show", "--json", check=True).stdout.decode()
+
+
+def test_a_mount_through_the_server_follows_its_caller(server: Server, contract: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"a" * 1000)
+    assert server.run("backup", contract, str(src), "-m", "pc1").returncode == 0
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def foreground() -> subprocess.Popen:
+        caller = subprocess.Popen([SCRIPT, "mount", contract, str(mnt), "--foreground"], env=server.env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not mounted(mnt):
+            assert caller.poll() is None, caller.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        snap = snapshot_dirs(mnt, "pc1")[0]
+        assert (mnt / "pc1" / snap / str(src).lstrip("/") / "a.txt").read_bytes() == b"a" * 1000
+        return caller
+
+    def serving_child() -> int:
+        return int(server.log().rsplit(CHILD_LINE, 1)[1].split()[0])
+
+    # Ctrl-C on the caller reaches the mount, which unmounts cleanly
+    caller = foreground()
+    child = serving_child()
+    caller.send_signal(signal.SIGINT)
+    out, err = caller.communicate(timeout=60)
+    assert caller.returncode == 0, err
+    assert b"unmounted" in out + err
+    assert not mounted(mnt)
+    umount(mnt, child)
+    # a caller killed outright is a hangup for the mount: it unmounts, nothing left behind
+    caller = foreground()
+    child = serving_child()
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 30
+    while (mounted(mnt) or alive(child)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mounted(mnt) and not alive(child)
+    # detached: the command returns once the mount answers, the daemon outlives the child
+    p = server.run("mount", contract, str(mnt))
+    assert p.returncode == 0, p.stderr
+    assert mounted(mnt)
+    p = server.run("umount", str(mnt))
+    assert p.returncode == 0 and not mounted(mnt)
+    assert server.proc.poll() is None  # all along, the server itself went on
+
+
+def test_another_language_runs_in_its_own_process(server: Server, contract: str) -> None:
+    before = server.children()
+    p = server.run("snapshots", "nosuch", env={"LANG": "fr_FR.UTF-8", "LANGUAGE": "fr"})
+    assert server.children() == before
+    assert b"erreur" in p.stderr  # the French catalogue, which the server had not loaded
+
+
+def test_a_changed_module_stops_the_server_and_runs_the_command_alone(server: Server, contract: str) -> None:
+    import kiwi_restore.units as module
+
+    path = module.__file__
+    st = os.stat(path)
+    try:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        p = server.run("contract", "list")
+        assert p.returncode == 0 and b"acme" in p.stdout
+        server.proc.wait(timeout=30)
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert server.children() == 0
+    assert "changed on disk" in server.log()
+    assert not (server.runtime / launcher.SOCKET_NAME).exists()
+    # and with no server at all, the launcher runs the command itself
+    p = server.run("contract", "list")
+    assert p.returncode == 0 and b"acme" in p.stdout
+
+
+def test_a_runtime_directory_others_can_enter_is_not_trusted(server: Server, contract: str) -> None:
+    os.chmod(server.runtime, 0o755)
+    try:
+        p = server.run("contract", "list")
+        assert p.returncode == 0 and b"acme" in p.stdout
+        assert server.children() == 0  # the environment (passphrase) was not sent there
+    finally:
+        os.chmod(server.runtime, 0o700)
+    server.stop()
+    os.chmod(server.runtime, 0o755)
+    p = run_cli("command-server", env={launcher.ENV_RUNTIME_DIR: str(server.runtime)}, timeout=60)
+    assert p.returncode != 0 and b"0700" in p.stderr
+
+
+def test_one_server_per_socket_and_a_dead_ones_socket_is_replaced(server: Server, tmp_path: Path) -> None:
+    p = run_cli("command-server", env={launcher.ENV_RUNTIME_DIR: str(server.runtime)}, timeout=60)
+    assert p.returncode != 0 and b"already listens" in p.stderr
+    server.proc.kill()
+    server.proc.wait()
+    sock = server.runtime / launcher.SOCKET_NAME
+    assert stat.S_ISSOCK(sock.lstat().st_mode)  # left behind by the killed server
+    p = server.run("contract", "list")  # a socket nobody listens on: run here
+    assert p.returncode == 0
+    second = Server(server.runtime, tmp_path / "second.log")
+    try:
+        p = second.run("contract", "list")
+        assert p.returncode == 0 and second.children() == 1
+    finally:
+        second.stop()
+
+
+def test_a_command_that_may_ask_for_the_passphrase_on_a_terminal_runs_alone(server: Server) -> None:
+    primary, secondary = os.openpty()
+    try:
+        env = {**server.env}
+        env.pop("KIWI_RESTORE_PASSPHRASE")
+        p = subprocess.run([SCRIPT, "--version"], env=env, stdin=secondary, capture_output=True, timeout=60)
+        assert p.returncode == 0
+        assert server.children() == 0
+        p = subprocess.run([SCRIPT, "--version"], env=server.env, stdin=secondary, capture_output=True, timeout=60)
+        assert p.returncode == 0 and server.children() == 1  # the passphrase comes from the environment
+    finally:
+        os.close(primary)
+        os.close(secondary)
