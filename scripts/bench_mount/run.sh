@@ -9,7 +9,8 @@
 # Env:    TOOLS   FUSE tools to measure       (default "source ptfs restic borg" + "ours" if OURS_ENABLED=1)
 #         EXPORTS tools to measure export for (default "source restic borg"      + "ours" if OURS_ENABLED=1)
 #         HOT_TOOLS tools for the "hot" phase (default = TOOLS)
-#         PHASES  default "dataset limits prepare measure hot export summary"
+#         PHASES  default "dataset limits prepare measure hot export summary"; also
+#                 "latency" (cold mount latency only, LAT_REPS rounds, default 7)
 #         BORG_FUSE_IMPL (default pyfuse3), PTFS_PY (python for ptfs.py, default: python3 with pyfuse3 and trio)
 #
 # Idempotent: the dataset and repositories are created only if missing; each
@@ -271,10 +272,17 @@ mount_fresh() {
   mountpoint -q "$mnt" && fusermount3 -u "$mnt"
   mkdir -p "$mnt"
   if declare -F "${tool}_before_mount" >/dev/null; then "${tool}_before_mount"; fi
+  ROOT=$("${tool}_root" "$mnt")
+  local t0 t1 entries deadline=$((SECONDS + 900))
   t0=$(date +%s.%N)
   "${tool}_mount" "$mnt"; ACTIVE_MNT=$mnt
-  ROOT=$("${tool}_root" "$mnt")
-  $U waitls $wargs --t0 "$t0" --path "$ROOT" --timeout 900 >/dev/null
+  # polled from this shell (a glob reads the directory): a Python poller started here would
+  # count its own start, 0.1-0.25 s cold on this machine, in every tool's latency
+  shopt -s nullglob dotglob
+  while entries=("$ROOT"/*); ((${#entries[@]} == 0)) && ((SECONDS < deadline)); do sleep 0.01; done
+  shopt -u nullglob dotglob
+  t1=$(date +%s.%N)
+  $U waitls $wargs --t0 "$t0" --t1 "$t1" --path "$ROOT" >/dev/null
 }
 
 measure_tool() {
@@ -304,6 +312,19 @@ if has_phase measure; then
   "$project/.venv/bin/python" -m compileall -q "$project/kiwi_restore" "$project/exporter" "$project/fuse" >/dev/null
   for rep in $(seq "$REPS"); do
     for t in $TOOLS; do measure_tool "$t" "$rep"; done
+  done
+fi
+
+# ---- latency: cold mount latency alone, LAT_REPS rounds, tools interleaved ----------
+if has_phase latency; then
+  for rep in $(seq "${LAT_REPS:-7}"); do
+    for t in $TOOLS; do
+      [[ $t == source ]] && continue
+      log "latency $t rep $rep"
+      drop_caches
+      mount_fresh "$t" "$TAGS --tag tool=$t --tag rep=$rep --out $OUT --metric mount_latency_only_s"
+      unmount_tool "$MNTBASE/$t" "$MOUNT_PID"
+    done
   done
 fi
 
