@@ -1,15 +1,19 @@
-"""`kiwi-restore command-server`: a warm runtime that runs this user's commands in forked children.
+"""`kiwi-restore command-server`: a warm runtime that runs this user's commands in forked processes.
 
 The server imports the CLI, the crypto and the FUSE runtime once, then waits on a Unix socket
-(launcher.runtime_dir()). For each request (argv, cwd, umask, environment, and the caller's
-stdin/stdout/stderr passed as file descriptors) it forks; the child takes the caller's
-descriptors, directory, umask and environment and runs the command as `kiwi-restore` would
-have, then reports its exit status. The server itself never opens a contract nor holds a key.
+(launcher.runtime_dir(); the protocol is in launcher.py). For each command it forks a
+supervisor, which forks the command's process: that one takes the caller's descriptors,
+working directory, umask, environment, stream encodings and signal dispositions and runs
+the command as `kiwi-restore` would have; the supervisor reports how it ended (exit status
+or signal). The server itself never opens a contract nor holds a key, and never parses the
+environment a request carries: only its forked processes do.
 
-It declines (the caller then runs the command itself) when the request is malformed, when
-its language differs from the server's (the CLI's help texts are translated at import), and
-when a kiwi-restore module changed on disk since the server started: it then exits, so an
-upgrade never runs old code (systemd restarts it).
+It declines (the caller then runs the command itself) a request from a process confined
+differently from itself (namespaces, root, capabilities, seccomp, no_new_privs, security
+label, groups, priority: a sandboxed caller must not get an unsandboxed run), from another
+installation or version of kiwi-restore, with another language or file-name encoding (the
+CLI's help texts are translated at import), and any request once a kiwi-restore module
+changed on disk since it started: it then exits, so an upgrade never runs old code.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import errno
 import fcntl
 import io
 import os
+import select
 import signal
 import socket
 import stat
 import sys
+import time
 import traceback
 
-from . import i18n, launcher
+from . import __version__, i18n, launcher
 from .errors import UsageError
 from .i18n import _
 
@@ -34,7 +40,10 @@ PRELOAD = ("kiwi_restore.cli", "kiwi_restore.lifecycle", "kiwi_restore.fuse.daem
            "kiwi_restore.fuse.audit", "kiwi_restore.exporter.export", "pyfuse3", "trio",
            "cryptography.hazmat.primitives.kdf.argon2")
 MAX_REQUEST = 16 << 20
-REQUEST_TIMEOUT = 10.0
+REQUEST_DEADLINE = 2.0  # for a whole request: one slow caller must not hold up the others
+GO_TIMEOUT = 30.0
+STATUS_FIELDS = ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+NAMESPACES = ("mnt", "pid", "user", "net", "ipc", "uts", "cgroup")
 
 
 def _package_roots() -> tuple[str, ...]:
@@ -68,13 +77,51 @@ def _stale(stamps: dict[str, int]) -> bool:
     return False
 
 
+def confinement(pid: int) -> tuple:
+    """What the kernel lets process PID do beyond its uid: must be equal for the server and a
+    caller whose command it runs. A fact that cannot be read stands as its errno, which only
+    the same error on our side equals."""
+    facts: list[object] = []
+    for ns in NAMESPACES:
+        try:
+            facts.append(os.readlink(f"/proc/{pid}/ns/{ns}"))
+        except OSError as exc:
+            facts.append(exc.errno)
+    try:
+        st = os.stat(f"/proc/{pid}/root")
+        facts.append((st.st_dev, st.st_ino))
+    except OSError as exc:
+        facts.append(exc.errno)
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            lines = dict(line.rstrip(b"\n").split(b":\t", 1) for line in f if b":\t" in line)
+        # groups decide what a user may open; root's (a login's "0", a service's none) do not
+        names = STATUS_FIELDS if os.getuid() else tuple(n for n in STATUS_FIELDS if n != "Groups")
+        facts.extend(lines.get(name.encode()) for name in names)
+    except OSError as exc:
+        facts.append(exc.errno)
+    try:
+        with open(f"/proc/{pid}/attr/current", "rb") as f:
+            facts.append(f.read())
+    except OSError as exc:
+        facts.append(exc.errno)
+    try:
+        facts.append(os.getpriority(os.PRIO_PROCESS, pid))
+    except OSError as exc:
+        facts.append(exc.errno)
+    return tuple(facts)
+
+
 class CommandServer:
-    """One listening socket; one forked child per accepted command."""
+    """One listening socket; one forked supervisor and command process per accepted command."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.path = os.path.join(folder, launcher.SOCKET_NAME)
         self.catalog = i18n.catalog_for(os.environ)
+        self.root = launcher.package_root()
+        self.fsencoding = f"{sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}"
+        self.confinement = confinement(os.getpid())
         self.sock: socket.socket | None = None
         self.stamps: dict[str, int] = {}
 
@@ -114,7 +161,7 @@ class CommandServer:
         self.stamps = module_stamps()
 
     def serve(self, ready=None) -> None:
-        """Accept commands until SIGTERM or SIGINT; the children (mounts too) live on."""
+        """Accept commands until SIGTERM or SIGINT; the commands (mounts too) live on."""
         assert self.sock is not None
 
         def stop(_signum: int, _frame: object) -> None:
@@ -122,7 +169,7 @@ class CommandServer:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reaped by the kernel
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors reaped by the kernel
         if ready:
             ready()
         ino = os.lstat(self.path).st_ino
@@ -142,89 +189,151 @@ class CommandServer:
             except FileNotFoundError:
                 pass
 
+    def _decline(self, conn: socket.socket, why: str) -> str:
+        try:
+            conn.sendall(launcher.MSG_FALLBACK)
+        except OSError:
+            pass
+        return why
+
     def _handle(self, conn: socket.socket) -> str:
         fds: list[int] = []
+        payload = bytearray()
         try:
-            _pid, uid, _gid = memoryview(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
+            peer, uid, _gid = memoryview(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
             if uid != os.getuid():
                 return "refused"
-            conn.settimeout(REQUEST_TIMEOUT)
-            head, fds, _flags, _addr = socket.recv_fds(conn, 8, 3)
+            deadline = time.monotonic() + REQUEST_DEADLINE
+            conn.settimeout(REQUEST_DEADLINE)
+            head, fds, _flags, _addr = socket.recv_fds(conn, 8, 4)
             size = int.from_bytes(head, "big") if len(head) == 8 else -1
-            if len(fds) != 3 or not 0 < size <= MAX_REQUEST:
+            if len(fds) != 4 or not 0 < size <= MAX_REQUEST:
                 return "refused"
-            payload = bytearray()
-            while len(payload) < size:
-                part = conn.recv(min(size - len(payload), 1 << 20))
-                if not part:
+            payload = bytearray(size)
+            view, got = memoryview(payload), 0
+            while got < size:
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                n = conn.recv_into(view[got:])
+                if not n:
                     return "refused"
-                payload += part
-            argv, cwd, umask, env = launcher.decode_request(bytes(payload))
+                got += n
+            view.release()
+            fields = launcher.decode_head(payload)
             if _stale(self.stamps):
-                conn.sendall(launcher.MSG_FALLBACK)
+                self._decline(conn, "stale")
                 return "stale"
-            text_env = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in env.items()}
-            if i18n.catalog_for(text_env) != self.catalog:
-                conn.sendall(launcher.MSG_FALLBACK)
-                return "declined"
+            if (fields["root"], fields["version"]) != (self.root, __version__):
+                return self._decline(conn, "another installation")
+            if fields["fsencoding"] != self.fsencoding or i18n.catalog_for(fields["locale"]) != self.catalog:
+                return self._decline(conn, "another locale")
+            if confinement(peer) != self.confinement:
+                return self._decline(conn, "confined differently")
             conn.settimeout(None)
-            pid = os.fork()
-            if pid == 0:
-                _run_child(self.sock, conn, fds, argv, cwd, umask, env)  # never returns
-            print(_("command server: child {pid} runs a command").format(pid=pid), file=sys.stderr, flush=True)
+            if os.fork() == 0:
+                _supervise(self.sock, conn, fds, payload)  # never returns
             return "forked"
         except (OSError, ValueError) as exc:
             if not isinstance(exc, OSError) or exc.errno not in (errno.EPIPE, errno.ECONNRESET):
                 print(_("command server: a request failed: {err}").format(err=exc), file=sys.stderr, flush=True)
             return "refused"
         finally:
+            payload[:] = bytes(len(payload))  # the caller's environment (passphrase) leaves no trace here
             for fd in fds:
                 os.close(fd)
 
 
-def _reopen_stdio() -> None:
-    """Text streams on the caller's descriptors, buffered as Python's own start would."""
-    def stream(fd: int, mode: str, template: object, errors: str | None = None) -> io.TextIOWrapper:
-        raw = io.FileIO(fd, mode, closefd=False)
-        buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-        return io.TextIOWrapper(buffered, encoding=getattr(template, "encoding", None) or "utf-8",
-                                errors=errors or getattr(template, "errors", None) or "strict",
-                                line_buffering=mode == "w" and (fd == 2 or raw.isatty()))
-
-    sys.stdin = stream(0, "r", sys.__stdin__)
-    sys.stdout = stream(1, "w", sys.__stdout__)
-    sys.stderr = stream(2, "w", sys.__stderr__, "backslashreplace")
-
-
-def _run_child(listener: socket.socket, conn: socket.socket, fds: list[int], argv: list[bytes], cwd: bytes,
-               umask: int, env: dict[bytes, bytes]) -> None:
+def _supervise(listener: socket.socket, conn: socket.socket, fds: list[int], payload: bytearray) -> None:
+    """In the forked supervisor: start the command's process once the caller says go, tell
+    the caller how it ended."""
     code = 70
     try:
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_IGN)  # signals are the command's, sent to it
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         listener.close()
-        os.setsid()  # out of the server's session: its terminal's Ctrl-C is not ours
-        conn.sendall(launcher.MSG_PID + os.getpid().to_bytes(8, "big"))
+        os.setsid()  # out of the server's session: its terminal is none of ours
+        request = launcher.decode_request(payload)
+        payload[:] = bytes(len(payload))
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            conn.close()
+            _run_command(go_r, fds, request)  # never returns
+        os.close(go_r)
+        for fd in fds:  # the command's now: the caller's pipes must not wait on us
+            os.close(fd)
+        fds.clear()
+        try:
+            conn.sendall(launcher.MSG_PID + pid.to_bytes(8, "big"))
+            conn.settimeout(GO_TIMEOUT)
+            go = conn.recv(1)
+        except OSError:
+            go = b""
+        if go != launcher.MSG_GO:  # the caller gave up and runs it itself: nothing ran here
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os._exit(0)
+        conn.settimeout(None)
         # the caller never writes again: the connection turning readable means it is gone
-        # (killed, its terminal closed), which is a hangup for us as it would be for it
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETOWN, os.getpid())
+        # (killed, its terminal closed): a hangup for the command, as it would be for it
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETOWN, pid)
         fcntl.fcntl(conn.fileno(), fcntl.F_SETSIG, signal.SIGHUP)
         fcntl.fcntl(conn.fileno(), fcntl.F_SETFL, fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) | os.O_ASYNC)
-        # a daemon the command forks (a detached mount) must not keep the caller waiting
-        os.register_at_fork(after_in_child=conn.close)
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3) for fd in fds]  # none of them clobbered by a dup2
-        for target, fd in enumerate(high):
+        os.write(go_w, b"g")
+        os.close(go_w)
+        print(_("command server: child {pid} runs a command").format(pid=pid), file=sys.stderr, flush=True)
+        if select.select([conn], [], [], 0)[0]:  # gone before O_ASYNC was on
+            os.kill(pid, signal.SIGHUP)
+        _waited, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            conn.sendall(launcher.MSG_SIGNAL + bytes([os.WTERMSIG(status)]))
+        else:
+            conn.sendall(launcher.MSG_EXIT + bytes([os.waitstatus_to_exitcode(status) & 0xFF]))
+        code = 0
+    except BaseException:  # never back into the server's loop
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _reopen_stdio(params: list[tuple[str, str, bool, bool]]) -> None:
+    """Text streams on the caller's descriptors, set up as Python had set up the caller's."""
+    def stream(fd: int, mode: str, enc: str, errors: str, line: bool, through: bool) -> io.TextIOWrapper:
+        raw = io.FileIO(fd, mode, closefd=False)
+        buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
+        return io.TextIOWrapper(buffered, encoding=enc, errors=errors, line_buffering=line, write_through=through)
+
+    sys.stdin = stream(0, "r", *params[0])
+    sys.stdout = stream(1, "w", *params[1])
+    sys.stderr = stream(2, "w", *params[2])
+
+
+def _run_command(go: int, fds: list[int], request: dict) -> None:
+    """In the command's process: wait for the go, become the caller's process, run."""
+    code = 70
+    try:
+        if os.read(go, 1) != b"g":
+            os._exit(0)  # the caller gave up: nothing ran
+        os.close(go)
+        for name in launcher.FORWARDED_SIGNALS:
+            signum = getattr(signal, name)
+            signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else signal.SIG_DFL)
+        if signal.SIGINT not in request["ignored"]:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]  # none clobbered by a dup2
+        for target, fd in enumerate(high[:3]):
             os.dup2(fd, target)
+        os.fchdir(high[3])
         for fd in set(fds + high) - {0, 1, 2}:
             os.close(fd)
-        os.umask(umask)
+        os.umask(request["umask"])
         os.environb.clear()
-        os.environb.update(env)
-        os.chdir(cwd)
-        _reopen_stdio()
+        os.environb.update(request["env"])
+        _reopen_stdio(request["streams"])
         i18n.reset()
-        sys.argv = [os.fsdecode(a) for a in argv]
+        sys.argv = [os.fsdecode(a) for a in request["argv"]]
         from .cli import main
 
         try:
@@ -236,17 +345,13 @@ def _run_child(listener: socket.socket, conn: socket.socket, fds: list[int], arg
             else:
                 print(exc.code, file=sys.stderr)
                 code = 1
-    except BaseException:  # the caller must hear something, and the server's loop never
+    except BaseException:
         traceback.print_exc()
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:
-            pass
-        try:
-            conn.sendall(launcher.MSG_EXIT + bytes([code & 0xFF]))
-        except OSError:
             pass
         os._exit(code & 0xFF)
 

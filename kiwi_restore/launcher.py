@@ -2,13 +2,21 @@
 
 A Python start with the CLI's, the crypto's and the FUSE runtime's imports costs 0.3-0.5 s of
 one core, most of a mount's start. `kiwi-restore command-server` (command_server.py) keeps
-that runtime imported and forks a child per command, as Mercurial's chg does for hg. This
-module is what every command loads first, so it imports nothing beyond os and sys until it
-knows a server is there; with none, or one that cannot take the command, the command runs in
-this process exactly as before.
+that runtime imported and forks a process per command, as Mercurial's chg does for hg. This
+module is what every command loads first, so it imports nothing heavy until it knows a
+server is there; with none, or one that cannot take the command, the command runs in this
+process exactly as before.
 
 Trust: the request carries the environment, passphrase included, so it only goes to a
 socket in a directory that is ours and closed to others, and to a peer running as our uid.
+
+Protocol (one connection per command; every length is 8 bytes big-endian):
+  caller -> server  length, request (encode_request), with descriptors 0, 1, 2 and the
+                    working directory attached (SCM_RIGHTS)
+  server -> caller  MSG_FALLBACK (run it yourself), or MSG_PID + the command's pid
+  caller -> server  MSG_GO: only then does the command start, so a caller that gave up
+                    waiting (and ran the command itself) never has it run twice
+  server -> caller  MSG_EXIT + status byte, or MSG_SIGNAL + the signal that killed it
 """
 
 from __future__ import annotations
@@ -16,32 +24,43 @@ from __future__ import annotations
 import os
 import sys
 
+from . import __version__
+
 ENV_RUNTIME_DIR = "KIWI_RESTORE_RUNTIME_DIR"
 ENV_NO_SERVER = "KIWI_RESTORE_NO_COMMAND_SERVER"
 SOCKET_NAME = "commands.sock"
-REQUEST_MAGIC = b"kiwi-restore-request-1"
-# server -> client messages, each one byte then a fixed-size payload
-MSG_FALLBACK = b"F"  # run the command yourself (no payload)
-MSG_PID = b"P"  # the child serving the command: 8-byte pid
-MSG_EXIT = b"X"  # the command's exit status: 1 byte
-FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+REQUEST_MAGIC = b"kiwi-restore-request-2"
+MSG_FALLBACK = b"F"
+MSG_PID = b"P"
+MSG_GO = b"G"
+MSG_EXIT = b"X"
+MSG_SIGNAL = b"S"
+HANDSHAKE_TIMEOUT = 3.0  # the server answers in milliseconds; past this, run here
+LOCALE_VARS = (b"LANGUAGE", b"LC_ALL", b"LC_MESSAGES", b"LANG")
+# passed on to the command, unless the caller ignores them (nohup, background jobs)
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 PROMPT_FREE_ENV = ("KIWI_RESTORE_PASSPHRASE", "KIWI_RESTORE_PASSPHRASE_FILE")
 
 
 def runtime_dir() -> str | None:
-    """Where the server's socket lives: $KIWI_RESTORE_RUNTIME_DIR, else the user's runtime
-    directory ($XDG_RUNTIME_DIR/kiwi-restore; /run/kiwi-restore for root), else none."""
+    """Where the server's socket lives: $KIWI_RESTORE_RUNTIME_DIR, else /run/kiwi-restore
+    for root, else $XDG_RUNTIME_DIR/kiwi-restore, else none."""
     explicit = os.environ.get(ENV_RUNTIME_DIR)
     if explicit:
         return explicit
+    if os.getuid() == 0:
+        return "/run/kiwi-restore"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "kiwi-restore")
-    return "/run/kiwi-restore" if os.getuid() == 0 else None
+    return os.path.join(xdg, "kiwi-restore") if xdg else None
+
+
+def package_root() -> bytes:
+    """This installation of kiwi-restore: a server of another one must not run our commands."""
+    return os.fsencode(os.path.dirname(os.path.realpath(__file__)))
 
 
 def private_to_us(path: str, is_socket: bool) -> bool:
-    """PATH is ours and nobody else can write to it (or, for the directory, into it)."""
+    """PATH is ours and nobody else can write to it (or, for the directory, enter it)."""
     import stat
 
     try:
@@ -53,41 +72,91 @@ def private_to_us(path: str, is_socket: bool) -> bool:
         is_socket or not st.st_mode & 0o077)
 
 
-def may_prompt(argv: list[str]) -> bool:
-    """Whether the command could ask for the passphrase on the terminal: a forked child of
-    the server has no controlling terminal to ask on, so such a command runs here."""
+def runs_here(argv: list[str]) -> bool:
+    """Whether the command must run in this process: it could ask for the passphrase on the
+    terminal (a server's process has no terminal to ask on), or it was started in the
+    background of a terminal (job control must stop it if it reads the terminal)."""
+    if not os.isatty(0):
+        return False
+    try:
+        if os.tcgetpgrp(0) != os.getpgrp():
+            return True
+    except OSError:
+        pass  # a terminal that is not our controlling one: no job control on it
     if any(os.environ.get(name) for name in PROMPT_FREE_ENV):
         return False
-    if any(a == "--passphrase-file" or a.startswith("--passphrase-file=") for a in argv):
-        return False
-    return os.isatty(0)
+    return not any(a == "--passphrase-file" or a.startswith("--passphrase-file=") for a in argv)
 
 
-def encode_request(argv: list[str], cwd: bytes, umask: int, env: dict[bytes, bytes]) -> bytes:
-    """NUL-separated fields: magic, cwd, umask, argc, argv..., NAME=VALUE... (none of them
-    can hold a NUL on Linux)."""
-    fields = [REQUEST_MAGIC, cwd, b"%d" % umask, b"%d" % len(argv)]
-    fields += [os.fsencode(a) for a in argv]
-    fields += [k + b"=" + v for k, v in env.items()]
-    return b"\0".join(fields)
+def _stream_params(stream: object) -> bytes:
+    """How Python set up one of our standard streams under the caller's environment."""
+    if stream is None:
+        return b"utf-8:strict:0:0"
+    return b"%s:%s:%d:%d" % (stream.encoding.encode(), stream.errors.encode(),
+                            stream.line_buffering, getattr(stream, "write_through", False))
 
 
-def decode_request(payload: bytes) -> tuple[list[bytes], bytes, int, dict[bytes, bytes]]:
-    """The inverse of encode_request; ValueError on anything else."""
-    fields = payload.split(b"\0")
-    if len(fields) < 4 or fields[0] != REQUEST_MAGIC:
+def encode_request(argv: list[str], umask: int, env: dict[bytes, bytes], *, root: bytes | None = None,
+                   ignored: list[int] = (), blocked: list[int] = ()) -> bytes:
+    """NUL-separated fields (none can hold a NUL on Linux). The head is what the server
+    checks before it forks: magic, installation, version, file-name encoding, the locale
+    variables; the rest only the command's own process reads: argv, umask, streams,
+    signals, environment."""
+    head = [REQUEST_MAGIC, root if root is not None else package_root(), __version__.encode(),
+            f"{sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}".encode()]
+    head += [name + b"=" + env.get(name, b"") for name in LOCALE_VARS]
+    body = [b"%d" % umask, _stream_params(sys.stdin), _stream_params(sys.stdout), _stream_params(sys.stderr),
+            b",".join(b"%d" % s for s in ignored), b",".join(b"%d" % s for s in blocked), b"%d" % len(argv)]
+    body += [os.fsencode(a) for a in argv]
+    body += [k + b"=" + v for k, v in env.items()]
+    return b"\0".join(head + body)
+
+
+HEAD_FIELDS = 4 + len(LOCALE_VARS)
+
+
+def decode_head(payload: bytes | bytearray) -> dict[str, object]:
+    """The fields a server checks before forking (the environment is not parsed)."""
+    end = -1
+    for _ in range(HEAD_FIELDS):  # copy the head only, not a byte of the environment
+        end = payload.find(b"\0", end + 1, 1 << 16)
+        if end < 0:
+            raise ValueError("not a kiwi-restore request")
+    fields = bytes(payload[:end]).split(b"\0")
+    if fields[0] != REQUEST_MAGIC:
         raise ValueError("not a kiwi-restore request")
-    cwd, umask, argc = fields[1], int(fields[2]), int(fields[3])
-    argv = fields[4:4 + argc]
+    locale = {}
+    for item in fields[4:]:
+        name, _, value = item.partition(b"=")
+        locale[name.decode(errors="replace")] = value.decode(errors="replace")
+    return {"root": fields[1], "version": fields[2].decode(errors="replace"),
+            "fsencoding": fields[3].decode(errors="replace"), "locale": locale}
+
+
+def decode_request(payload: bytes | bytearray) -> dict[str, object]:
+    """Everything, for the command's own process; ValueError on anything malformed."""
+    fields = bytes(payload).split(b"\0")
+    if len(fields) < HEAD_FIELDS + 7 or fields[0] != REQUEST_MAGIC:
+        raise ValueError("not a kiwi-restore request")
+    pos = HEAD_FIELDS
+    umask = int(fields[pos])
+    streams = []
+    for raw in fields[pos + 1:pos + 4]:
+        enc, errors, line, through = raw.decode().split(":")
+        streams.append((enc, errors, line == "1", through == "1"))
+    ignored = [int(s) for s in fields[pos + 4].split(b",") if s]
+    blocked = [int(s) for s in fields[pos + 5].split(b",") if s]
+    argc = int(fields[pos + 6])
+    argv = fields[pos + 7:pos + 7 + argc]
     if len(argv) != argc or not 0 <= umask <= 0o777:
         raise ValueError("truncated request")
     env = {}
-    for item in fields[4 + argc:]:
+    for item in fields[pos + 7 + argc:]:
         name, sep, value = item.partition(b"=")
         if not sep or not name:
             raise ValueError("bad environment entry")
         env[name] = value
-    return argv, cwd, umask, env
+    return {"umask": umask, "streams": streams, "ignored": ignored, "blocked": blocked, "argv": argv, "env": env}
 
 
 def _recv_exact(sock, n: int) -> bytes:
@@ -101,32 +170,47 @@ def _recv_exact(sock, n: int) -> bytes:
 
 
 def _delegate(path: str) -> int | None:
-    """Run sys.argv in a child of the server at PATH: its exit status, or None to run here."""
+    """Run sys.argv in a process of the server at PATH: its exit status, or None to run here."""
     # _socket, the C module: socket.py would import enum and selectors, more than this file
     import _socket
     import signal
 
+    ignored = [getattr(signal, n) for n in FORWARDED_SIGNALS if signal.getsignal(getattr(signal, n)) == signal.SIG_IGN]
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    cwd = -1
+    child = None
     try:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
         sock.connect(path)
-        _pid, uid, _gid = memoryview(sock.getsockopt(
-            _socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)).cast("i")
+        _pid, uid, _gid = memoryview(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)).cast("i")
         if uid != os.getuid():
-            sock.close()
             return None
         umask = os.umask(0o077)
         os.umask(umask)
-        payload = encode_request(sys.argv, os.getcwdb(), umask, dict(os.environb))
-        stdio = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # three C ints
-        sock.sendmsg([len(payload).to_bytes(8, "big")], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, stdio)])
+        blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        payload = encode_request(sys.argv, umask, dict(os.environb), ignored=ignored, blocked=blocked)
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd))  # C ints
+        sock.sendmsg([len(payload).to_bytes(8, "big")], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         sock.sendall(payload)
-        kind = _recv_exact(sock, 1)
-        if kind != MSG_PID:
-            return None  # MSG_FALLBACK, or a server that is going away
-        child = int.from_bytes(_recv_exact(sock, 8), "big")
+        if _recv_exact(sock, 1) == MSG_PID:  # else MSG_FALLBACK, or a server going away
+            pid = int.from_bytes(_recv_exact(sock, 8), "big")
+            sock.settimeout(None)
+            sock.sendall(MSG_GO)
+            child = pid
     except OSError:
-        sock.close()
-        return None  # no server listening (a stale socket), or it died: run here
+        child = None  # no server listening (a stale socket), a stuck one, or one that died
+    finally:
+        if cwd >= 0:
+            os.close(cwd)
+        if child is None:
+            sock.close()
+    return None if child is None else _follow(sock, child, ignored)
+
+
+def _follow(sock, child: int, ignored: list[int]) -> int:
+    """Pass our signals to the command, stop and continue with it, and return its status."""
+    import signal
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -134,12 +218,27 @@ def _delegate(path: str) -> int | None:
         except ProcessLookupError:
             pass
 
-    # from here on the command runs in the child: Ctrl-C and kills reach it through us
+    def stop(_signum: int, _frame: object) -> None:  # Ctrl-Z: the command stops with us
+        forward(signal.SIGSTOP, None)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, stop)  # continued (fg, bg): so is the command
+        forward(signal.SIGCONT, None)
+
     for name in FORWARDED_SIGNALS:
-        signal.signal(getattr(signal, name), forward)
+        if getattr(signal, name) not in ignored:
+            signal.signal(getattr(signal, name), forward)
+    signal.signal(signal.SIGTSTP, stop)
+    signal.signal(signal.SIGCONT, forward)
     try:
-        if sock.recv(1) == MSG_EXIT:  # recv resumes by itself after a forwarded signal
+        kind = sock.recv(1)  # resumes by itself after a forwarded signal
+        if kind == MSG_EXIT:
             return _recv_exact(sock, 1)[0]
+        if kind == MSG_SIGNAL:  # die of the same signal, as the caller's shell expects
+            signum = _recv_exact(sock, 1)[0]
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return 128 + signum
     except OSError:
         pass
     finally:
@@ -152,7 +251,7 @@ def _delegate(path: str) -> int | None:
 
 
 def main() -> None:
-    if not os.environ.get(ENV_NO_SERVER) and not may_prompt(sys.argv):
+    if not os.environ.get(ENV_NO_SERVER) and not runs_here(sys.argv):
         folder = runtime_dir()
         if folder and private_to_us(folder, False):
             path = os.path.join(folder, SOCKET_NAME)

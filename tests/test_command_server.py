@@ -8,11 +8,15 @@ server cannot be trusted or is out of date the command runs in its own process i
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -69,14 +73,18 @@ def server(home: Path, tmp_path: Path):
 
 
 def test_a_command_runs_in_a_child_of_the_server_as_it_would_alone(server: Server, contract: str) -> None:
-    for args in (["contract", "list"], ["snapshots", contract, "--json"], ["snapshots", "nosuch"], ["--help"]):
+    cases = [(["contract", "list"], {}), (["snapshots", contract, "--json"], {}), (["snapshots", "nosuch"], {}),
+             (["--help"], {}), (["snapshots", "né"], {"PYTHONIOENCODING": "latin-1"})]  # the caller's encoding
+    for args, env in cases:
         before = server.children()
-        served = server.run(*args)
+        served = server.run(*args, env=env)
         assert server.children() == before + 1, server.log()
-        alone = server.run(*args, env={launcher.ENV_NO_SERVER: "1"})
+        alone = server.run(*args, env={**env, launcher.ENV_NO_SERVER: "1"})
         assert server.children() == before + 1  # the second one did not go through the server
         assert (served.returncode, served.stdout, served.stderr) == (alone.returncode, alone.stdout, alone.stderr)
-    assert served.returncode == 0 and b"command-server" in served.stdout
+        if args == ["--help"]:
+            assert served.returncode == 0 and b"command-server" in served.stdout
+    assert b"'n\xe9'" in served.stderr  # latin-1, as the caller asked
     unknown = server.run("snapshots", "nosuch")
     assert unknown.returncode != 0 and b"nosuch" in unknown.stderr
 
@@ -151,6 +159,57 @@ def test_a_mount_through_the_server_follows_its_caller(server: Server, contract:
     assert server.proc.poll() is None  # all along, the server itself went on
 
 
+def test_a_caller_confined_otherwise_runs_its_command_itself(server: Server, contract: str) -> None:
+    # a sandbox (its own mount namespace, no_new_privs) or another priority must not be
+    # shed by having the server run the command
+    for wrapper in (["unshare", "--mount"], ["setpriv", "--no-new-privs"], ["nice", "-n", "5"]):
+        p = subprocess.run([*wrapper, SCRIPT, "contract", "list"], capture_output=True, env=server.env,
+                           stdin=subprocess.DEVNULL, timeout=120)
+        assert p.returncode == 0 and b"acme" in p.stdout, (wrapper, p.stderr)
+    assert server.children() == 0
+    assert server.run("contract", "list").returncode == 0 and server.children() == 1
+
+
+def _raw_request(server: Server, root: bytes) -> tuple[socket.socket, bytes]:
+    """A request as the launcher sends it, but from another installation ROOT."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(server.runtime / launcher.SOCKET_NAME))
+    env = {k.encode(): v.encode() for k, v in server.env.items()}
+    payload = launcher.encode_request(["kiwi-restore", "machine", "add", "acme", "pc9"], 0o022, env, root=root)
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        socket.send_fds(sock, [len(payload).to_bytes(8, "big")], [0, 1, 2, cwd])
+    finally:
+        os.close(cwd)
+    sock.sendall(payload)
+    return sock, sock.recv(1)
+
+
+def test_another_installation_and_a_caller_who_gave_up_get_nothing_run(server: Server, contract: str) -> None:
+    sock, reply = _raw_request(server, b"/opt/another/kiwi_restore")
+    sock.close()
+    assert reply == launcher.MSG_FALLBACK
+    # ours, but the caller leaves before saying go: the command must not run
+    sock, reply = _raw_request(server, launcher.package_root())
+    assert reply == launcher.MSG_PID
+    sock.close()
+    time.sleep(1)
+    assert server.children() == 0
+    assert b"pc9" not in run_cli("machine", "list", contract, check=True).stdout
+    # a server that does not answer (stopped here): the caller runs the command itself, once
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        p = server.run("machine", "add", contract, "pc9")
+        assert p.returncode == 0, p.stderr
+        assert time.monotonic() - t0 >= launcher.HANDSHAKE_TIMEOUT
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    time.sleep(1)  # the server reads the abandoned request now, and must not run it
+    assert server.children() == 0
+    assert run_cli("machine", "list", contract, check=True).stdout.count(b"pc9") == 1
+
+
 def test_another_language_runs_in_its_own_process(server: Server, contract: str) -> None:
     before = server.children()
     p = server.run("snapshots", "nosuch", env={"LANG": "fr_FR.UTF-8", "LANGUAGE": "fr"})
@@ -209,16 +268,78 @@ def test_one_server_per_socket_and_a_dead_ones_socket_is_replaced(server: Server
         second.stop()
 
 
-def test_a_command_that_may_ask_for_the_passphrase_on_a_terminal_runs_alone(server: Server) -> None:
+def _controlling_terminal(tty: int):
+    def setup() -> None:
+        os.setsid()
+        fcntl.ioctl(tty, termios.TIOCSCTTY, 0)  # the launcher's own terminal, in the foreground
+
+    return setup
+
+
+def test_a_command_that_may_ask_for_the_passphrase_on_its_terminal_runs_alone(server: Server) -> None:
     primary, secondary = os.openpty()
     try:
         env = {**server.env}
         env.pop("KIWI_RESTORE_PASSPHRASE")
-        p = subprocess.run([SCRIPT, "--version"], env=env, stdin=secondary, capture_output=True, timeout=60)
+        p = subprocess.run([SCRIPT, "--version"], env=env, stdin=secondary, capture_output=True, timeout=60,
+                           preexec_fn=_controlling_terminal(secondary))
         assert p.returncode == 0
         assert server.children() == 0
-        p = subprocess.run([SCRIPT, "--version"], env=server.env, stdin=secondary, capture_output=True, timeout=60)
+        p = subprocess.run([SCRIPT, "--version"], env=server.env, stdin=secondary, capture_output=True, timeout=60,
+                           preexec_fn=_controlling_terminal(secondary))
         assert p.returncode == 0 and server.children() == 1  # the passphrase comes from the environment
     finally:
         os.close(primary)
         os.close(secondary)
+
+
+def _waiting_at_a_prompt(server: Server, contract: str, tty: tuple[int, int], cwd: Path,
+                         ignore: int | None = None, alone: bool = False) -> subprocess.Popen:
+    """`contract destroy-request` waiting for its confirmation on a terminal (TTY: the
+    pseudo-terminal's two ends), run alone or through the server."""
+    primary, secondary = tty
+    env = {**server.env, **({launcher.ENV_NO_SERVER: "1"} if alone else {})}
+    before = server.children()
+
+    def setup() -> None:
+        if ignore is not None:
+            signal.signal(ignore, signal.SIG_IGN)  # as nohup does
+
+    caller = subprocess.Popen([SCRIPT, "contract", "destroy-request", contract], env=env, cwd=cwd,
+                              stdin=secondary, stdout=secondary, stderr=subprocess.PIPE, preexec_fn=setup)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"confirm" not in seen:
+        assert caller.poll() is None, caller.communicate()
+        assert time.monotonic() < deadline, seen
+        if select.select([primary], [], [], 0.1)[0]:
+            seen += os.read(primary, 4096)
+    assert server.children() == before + (0 if alone else 1)
+    return caller
+
+
+def test_signals_end_a_served_command_as_they_end_one_alone(server: Server, contract: str, tmp_path: Path) -> None:
+    tty = os.openpty()
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            codes = []
+            for alone in (True, False):
+                caller = _waiting_at_a_prompt(server, contract, tty, tmp_path, alone=alone)
+                caller.send_signal(sig)
+                caller.communicate(timeout=60)
+                codes.append(caller.returncode)
+            assert codes[0] == codes[1], (sig, codes)
+            assert codes[0] == (130 if sig == signal.SIGINT else -sig)  # Ctrl-C: "aborted", 130
+        # an ignored signal stays ignored (nohup), through the server too
+        caller = _waiting_at_a_prompt(server, contract, tty, tmp_path, ignore=signal.SIGHUP)
+        caller.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert caller.poll() is None
+        caller.send_signal(signal.SIGTERM)
+        caller.communicate(timeout=60)
+        assert caller.returncode == -signal.SIGTERM
+    finally:
+        for fd in tty:
+            os.close(fd)
+    # nothing was confirmed: the contract was never marked for destruction
+    assert b"destroy" not in run_cli("contract", "status", contract, check=True).stdout.lower()
