@@ -197,7 +197,6 @@ class CommandServer:
         return why
 
     def _handle(self, conn: socket.socket) -> str:
-        fds: list[int] = []
         payload = bytearray()
         try:
             peer, uid, _gid = memoryview(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
@@ -205,9 +204,8 @@ class CommandServer:
                 return "refused"
             deadline = time.monotonic() + REQUEST_DEADLINE
             conn.settimeout(REQUEST_DEADLINE)
-            head, fds, _flags, _addr = socket.recv_fds(conn, 8, 4)
-            size = int.from_bytes(head, "big") if len(head) == 8 else -1
-            if len(fds) != 4 or not 0 < size <= MAX_REQUEST:
+            size = int.from_bytes(launcher._recv_exact(conn, 8), "big")
+            if not 0 < size <= MAX_REQUEST:
                 return "refused"
             payload = bytearray(size)
             view, got = memoryview(payload), 0
@@ -230,7 +228,7 @@ class CommandServer:
                 return self._decline(conn, "confined differently")
             conn.settimeout(None)
             if os.fork() == 0:
-                _supervise(self.sock, conn, fds, payload)  # never returns
+                _supervise(self.sock, conn, payload)  # never returns
             return "forked"
         except (OSError, ValueError) as exc:
             if not isinstance(exc, OSError) or exc.errno not in (errno.EPIPE, errno.ECONNRESET):
@@ -238,14 +236,13 @@ class CommandServer:
             return "refused"
         finally:
             payload[:] = bytes(len(payload))  # the caller's environment (passphrase) leaves no trace here
-            for fd in fds:
-                os.close(fd)
 
 
-def _supervise(listener: socket.socket, conn: socket.socket, fds: list[int], payload: bytearray) -> None:
-    """In the forked supervisor: start the command's process once the caller says go, tell
-    the caller how it ended."""
+def _supervise(listener: socket.socket, conn: socket.socket, payload: bytearray) -> None:
+    """In the forked supervisor: once the caller says go (and sends its descriptors), start
+    the command's process and tell the caller how it ended."""
     code = 70
+    fds: list[int] = []
     try:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(signum, signal.SIG_IGN)  # signals are the command's, sent to it
@@ -254,35 +251,31 @@ def _supervise(listener: socket.socket, conn: socket.socket, fds: list[int], pay
         os.setsid()  # out of the server's session: its terminal is none of ours
         request = launcher.decode_request(payload)
         payload[:] = bytes(len(payload))
-        go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(go_w)
-            conn.close()
-            _run_command(go_r, fds, request)  # never returns
-        os.close(go_r)
-        for fd in fds:  # the command's now: the caller's pipes must not wait on us
-            os.close(fd)
-        fds.clear()
         try:
-            conn.sendall(launcher.MSG_PID + pid.to_bytes(8, "big"))
+            conn.sendall(launcher.MSG_ACCEPT)
             conn.settimeout(GO_TIMEOUT)
-            go = conn.recv(1)
+            go, fds, _flags, _addr = socket.recv_fds(conn, 1, 4)
         except OSError:
             go = b""
-        if go != launcher.MSG_GO:  # the caller gave up and runs it itself: nothing ran here
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        if go != launcher.MSG_GO or len(fds) != 4:  # the caller gave up and runs it itself
             os._exit(0)
         conn.settimeout(None)
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            _run_command(fds, request)  # never returns
+        for fd in fds:  # the command's now: the caller's pipes must not wait on us
+            os.close(fd)
         # the caller never writes again: the connection turning readable means it is gone
         # (killed, its terminal closed): a hangup for the command, as it would be for it
         fcntl.fcntl(conn.fileno(), fcntl.F_SETOWN, pid)
         fcntl.fcntl(conn.fileno(), fcntl.F_SETSIG, signal.SIGHUP)
         fcntl.fcntl(conn.fileno(), fcntl.F_SETFL, fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) | os.O_ASYNC)
-        os.write(go_w, b"g")
-        os.close(go_w)
         print(_("command server: child {pid} runs a command").format(pid=pid), file=sys.stderr, flush=True)
+        try:
+            conn.sendall(launcher.MSG_PID + pid.to_bytes(8, "big"))
+        except OSError:
+            pass
         if select.select([conn], [], [], 0)[0]:  # gone before O_ASYNC was on
             os.kill(pid, signal.SIGHUP)
         _waited, status = os.waitpid(pid, 0)
@@ -309,13 +302,10 @@ def _reopen_stdio(params: list[tuple[str, str, bool, bool]]) -> None:
     sys.stderr = stream(2, "w", *params[2])
 
 
-def _run_command(go: int, fds: list[int], request: dict) -> None:
-    """In the command's process: wait for the go, become the caller's process, run."""
+def _run_command(fds: list[int], request: dict) -> None:
+    """In the command's process: become the caller's process, and run."""
     code = 70
     try:
-        if os.read(go, 1) != b"g":
-            os._exit(0)  # the caller gave up: nothing ran
-        os.close(go)
         for name in launcher.FORWARDED_SIGNALS:
             signum = getattr(signal, name)
             signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else signal.SIG_DFL)

@@ -11,12 +11,14 @@ Trust: the request carries the environment, passphrase included, so it only goes
 socket in a directory that is ours and closed to others, and to a peer running as our uid.
 
 Protocol (one connection per command; every length is 8 bytes big-endian):
-  caller -> server  length, request (encode_request), with descriptors 0, 1, 2 and the
-                    working directory attached (SCM_RIGHTS)
-  server -> caller  MSG_FALLBACK (run it yourself), or MSG_PID + the command's pid
-  caller -> server  MSG_GO: only then does the command start, so a caller that gave up
-                    waiting (and ran the command itself) never has it run twice
-  server -> caller  MSG_EXIT + status byte, or MSG_SIGNAL + the signal that killed it
+  caller -> server  length, request (encode_request)
+  server -> caller  MSG_FALLBACK (run it yourself), or MSG_ACCEPT
+  caller -> server  MSG_GO, with descriptors 0, 1, 2 and the working directory attached
+                    (SCM_RIGHTS): only then does the command start, so a caller that gave
+                    up waiting (and ran the command itself) never has it run twice, and a
+                    stuck server never holds the caller's descriptors
+  server -> caller  MSG_PID + the command's pid, then MSG_EXIT + status byte, or
+                    MSG_SIGNAL + the signal that killed it
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ ENV_NO_SERVER = "KIWI_RESTORE_NO_COMMAND_SERVER"
 SOCKET_NAME = "commands.sock"
 REQUEST_MAGIC = b"kiwi-restore-request-2"
 MSG_FALLBACK = b"F"
+MSG_ACCEPT = b"A"
 MSG_PID = b"P"
 MSG_GO = b"G"
 MSG_EXIT = b"X"
@@ -90,10 +93,10 @@ def runs_here(argv: list[str]) -> bool:
 
 def _stream_params(stream: object) -> bytes:
     """How Python set up one of our standard streams under the caller's environment."""
-    if stream is None:
-        return b"utf-8:strict:0:0"
-    return b"%s:%s:%d:%d" % (stream.encoding.encode(), stream.errors.encode(),
-                            stream.line_buffering, getattr(stream, "write_through", False))
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    errors = getattr(stream, "errors", None) or "strict"
+    return b"%s:%s:%d:%d" % (encoding.encode(), errors.encode(), bool(getattr(stream, "line_buffering", False)),
+                            bool(getattr(stream, "write_through", False)))
 
 
 def encode_request(argv: list[str], umask: int, env: dict[bytes, bytes], *, root: bytes | None = None,
@@ -178,7 +181,7 @@ def _delegate(path: str) -> int | None:
     ignored = [getattr(signal, n) for n in FORWARDED_SIGNALS if signal.getsignal(getattr(signal, n)) == signal.SIG_IGN]
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     cwd = -1
-    child = None
+    committed = False
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         sock.connect(path)
@@ -189,32 +192,37 @@ def _delegate(path: str) -> int | None:
         os.umask(umask)
         blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
         payload = encode_request(sys.argv, umask, dict(os.environb), ignored=ignored, blocked=blocked)
+        sock.sendall(len(payload).to_bytes(8, "big") + payload)
+        if _recv_exact(sock, 1) != MSG_ACCEPT:  # MSG_FALLBACK, or a server going away
+            return None
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd))  # C ints
-        sock.sendmsg([len(payload).to_bytes(8, "big")], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        sock.sendall(payload)
-        if _recv_exact(sock, 1) == MSG_PID:  # else MSG_FALLBACK, or a server going away
-            pid = int.from_bytes(_recv_exact(sock, 8), "big")
-            sock.settimeout(None)
-            sock.sendall(MSG_GO)
-            child = pid
+        sock.settimeout(None)
+        committed = True  # past this point the command is the server's to run
+        sock.sendmsg([MSG_GO], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
     except OSError:
-        child = None  # no server listening (a stale socket), a stuck one, or one that died
+        if not committed:
+            sock.close()
+            return None  # no server listening (a stale socket), a stuck one, or one that died
     finally:
         if cwd >= 0:
             os.close(cwd)
-        if child is None:
-            sock.close()
-    return None if child is None else _follow(sock, child, ignored)
+    return _follow(sock, ignored)
 
 
-def _follow(sock, child: int, ignored: list[int]) -> int:
+def _follow(sock, ignored: list[int]) -> int:
     """Pass our signals to the command, stop and continue with it, and return its status."""
     import signal
 
+    child = [0]  # the command's pid, once the server has said it
+    pending: list[int] = []
+
     def forward(signum: int, _frame: object) -> None:
+        if not child[0]:
+            pending.append(signum)
+            return
         try:
-            os.kill(child, signum)
+            os.kill(child[0], signum)
         except ProcessLookupError:
             pass
 
@@ -231,14 +239,18 @@ def _follow(sock, child: int, ignored: list[int]) -> int:
     signal.signal(signal.SIGTSTP, stop)
     signal.signal(signal.SIGCONT, forward)
     try:
-        kind = sock.recv(1)  # resumes by itself after a forwarded signal
-        if kind == MSG_EXIT:
-            return _recv_exact(sock, 1)[0]
-        if kind == MSG_SIGNAL:  # die of the same signal, as the caller's shell expects
-            signum = _recv_exact(sock, 1)[0]
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return 128 + signum
+        if _recv_exact(sock, 1) == MSG_PID:
+            child[0] = int.from_bytes(_recv_exact(sock, 8), "big")
+            for signum in pending:
+                forward(signum, None)
+            kind = sock.recv(1)  # resumes by itself after a forwarded signal
+            if kind == MSG_EXIT:
+                return _recv_exact(sock, 1)[0]
+            if kind == MSG_SIGNAL:  # die of the same signal, as the caller's shell expects
+                signum = _recv_exact(sock, 1)[0]
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return 128 + signum
     except OSError:
         pass
     finally:
@@ -246,7 +258,7 @@ def _follow(sock, child: int, ignored: list[int]) -> int:
     from .i18n import _
 
     sys.stderr.write("kiwi-restore: " + _("error") + ": " + _(
-        "the command's process (pid {pid}) ended without a status").format(pid=child) + "\n")
+        "the command's process (pid {pid}) ended without a status").format(pid=child[0] or "?") + "\n")
     return 1
 
 
