@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import io
 import os
 import select
@@ -30,7 +31,7 @@ import sys
 import time
 import traceback
 
-from . import __version__, i18n, launcher
+from . import __version__, caller_context, i18n, launcher
 from .errors import UsageError
 from .i18n import _
 
@@ -42,8 +43,6 @@ PRELOAD = ("kiwi_restore.cli", "kiwi_restore.lifecycle", "kiwi_restore.fuse.daem
 MAX_REQUEST = 16 << 20
 REQUEST_DEADLINE = 2.0  # for a whole request: one slow caller must not hold up the others
 GO_TIMEOUT = 30.0
-STATUS_FIELDS = ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-NAMESPACES = ("mnt", "pid", "user", "net", "ipc", "uts", "cgroup")
 
 
 def _package_roots() -> tuple[str, ...]:
@@ -77,41 +76,6 @@ def _stale(stamps: dict[str, int]) -> bool:
     return False
 
 
-def confinement(pid: int) -> tuple:
-    """What the kernel lets process PID do beyond its uid: must be equal for the server and a
-    caller whose command it runs. A fact that cannot be read stands as its errno, which only
-    the same error on our side equals."""
-    facts: list[object] = []
-    for ns in NAMESPACES:
-        try:
-            facts.append(os.readlink(f"/proc/{pid}/ns/{ns}"))
-        except OSError as exc:
-            facts.append(exc.errno)
-    try:
-        st = os.stat(f"/proc/{pid}/root")
-        facts.append((st.st_dev, st.st_ino))
-    except OSError as exc:
-        facts.append(exc.errno)
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            lines = dict(line.rstrip(b"\n").split(b":\t", 1) for line in f if b":\t" in line)
-        # groups decide what a user may open; root's (a login's "0", a service's none) do not
-        names = STATUS_FIELDS if os.getuid() else tuple(n for n in STATUS_FIELDS if n != "Groups")
-        facts.extend(lines.get(name.encode()) for name in names)
-    except OSError as exc:
-        facts.append(exc.errno)
-    try:
-        with open(f"/proc/{pid}/attr/current", "rb") as f:
-            facts.append(f.read())
-    except OSError as exc:
-        facts.append(exc.errno)
-    try:
-        facts.append(os.getpriority(os.PRIO_PROCESS, pid))
-    except OSError as exc:
-        facts.append(exc.errno)
-    return tuple(facts)
-
-
 class CommandServer:
     """One listening socket; one forked supervisor and command process per accepted command."""
 
@@ -121,7 +85,7 @@ class CommandServer:
         self.catalog = i18n.catalog_for(os.environ)
         self.root = launcher.package_root()
         self.fsencoding = f"{sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}"
-        self.confinement = confinement(os.getpid())
+        self.confinement = launcher.confinement(os.getpid())
         self.sock: socket.socket | None = None
         self.stamps: dict[str, int] = {}
 
@@ -159,6 +123,10 @@ class CommandServer:
         for name in PRELOAD:
             importlib.import_module(name)
         self.stamps = module_stamps()
+        # what is loaded now lives as long as the server: out of the collector's sight, a
+        # command's collections neither walk it nor write to (and so copy) its pages
+        gc.collect()
+        gc.freeze()
 
     def serve(self, ready=None) -> None:
         """Accept commands until SIGTERM or SIGINT; the commands (mounts too) live on."""
@@ -202,6 +170,7 @@ class CommandServer:
             peer, uid, _gid = memoryview(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
             if uid != os.getuid():
                 return "refused"
+            peer_confinement = launcher.confinement(peer)  # now: the caller is alive, waiting on us
             deadline = time.monotonic() + REQUEST_DEADLINE
             conn.settimeout(REQUEST_DEADLINE)
             size = int.from_bytes(launcher._recv_exact(conn, 8), "big")
@@ -216,19 +185,19 @@ class CommandServer:
                     return "refused"
                 got += n
             view.release()
-            fields = launcher.decode_head(payload)
-            if _stale(self.stamps):
+            if _stale(self.stamps):  # first: a newer launcher may speak a newer protocol
                 self._decline(conn, "stale")
                 return "stale"
+            fields = launcher.decode_head(payload)
             if (fields["root"], fields["version"]) != (self.root, __version__):
                 return self._decline(conn, "another installation")
             if fields["fsencoding"] != self.fsencoding or i18n.catalog_for(fields["locale"]) != self.catalog:
                 return self._decline(conn, "another locale")
-            if confinement(peer) != self.confinement:
+            if peer_confinement != self.confinement:
                 return self._decline(conn, "confined differently")
             conn.settimeout(None)
             if os.fork() == 0:
-                _supervise(self.sock, conn, payload)  # never returns
+                _supervise(self.sock, conn, peer, payload)  # never returns
             return "forked"
         except (OSError, ValueError) as exc:
             if not isinstance(exc, OSError) or exc.errno not in (errno.EPIPE, errno.ECONNRESET):
@@ -238,19 +207,17 @@ class CommandServer:
             payload[:] = bytes(len(payload))  # the caller's environment (passphrase) leaves no trace here
 
 
-def _supervise(listener: socket.socket, conn: socket.socket, payload: bytearray) -> None:
+def _supervise(listener: socket.socket, conn: socket.socket, caller: int, payload: bytearray) -> None:
     """In the forked supervisor: once the caller says go (and sends its descriptors), start
-    the command's process and tell the caller how it ended."""
+    the command's process in the caller's context, and tell the caller how it ended."""
     code = 70
     fds: list[int] = []
     try:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(signum, signal.SIG_IGN)  # signals are the command's, sent to it
+        # the caller's signals are the command's: held until it has set its own dispositions
+        signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, n) for n in launcher.FORWARDED_SIGNALS])
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         listener.close()
         os.setsid()  # out of the server's session: its terminal is none of ours
-        request = launcher.decode_request(payload)
-        payload[:] = bytes(len(payload))
         try:
             conn.sendall(launcher.MSG_ACCEPT)
             conn.settimeout(GO_TIMEOUT)
@@ -260,34 +227,58 @@ def _supervise(listener: socket.socket, conn: socket.socket, payload: bytearray)
         if go != launcher.MSG_GO or len(fds) != 4:  # the caller gave up and runs it itself
             os._exit(0)
         conn.settimeout(None)
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            os.close(go_w)
             conn.close()
-            _run_command(fds, request)  # never returns
+            _run_command(go_r, fds, payload)  # never returns
+        os.close(go_r)
+        payload[:] = bytes(len(payload))  # the command's copy is the only one left
         for fd in fds:  # the command's now: the caller's pipes must not wait on us
             os.close(fd)
-        # the caller never writes again: the connection turning readable means it is gone
-        # (killed, its terminal closed): a hangup for the command, as it would be for it
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETOWN, pid)
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETSIG, signal.SIGHUP)
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETFL, fcntl.fcntl(conn.fileno(), fcntl.F_GETFL) | os.O_ASYNC)
-        print(_("command server: child {pid} runs a command").format(pid=pid), file=sys.stderr, flush=True)
         try:
-            conn.sendall(launcher.MSG_PID + pid.to_bytes(8, "big"))
-        except OSError:
-            pass
-        if select.select([conn], [], [], 0)[0]:  # gone before O_ASYNC was on
-            os.kill(pid, signal.SIGHUP)
-        _waited, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            conn.sendall(launcher.MSG_SIGNAL + bytes([os.WTERMSIG(status)]))
-        else:
-            conn.sendall(launcher.MSG_EXIT + bytes([os.waitstatus_to_exitcode(status) & 0xFF]))
-        code = 0
+            caller_context.apply(caller_context.read(caller), pid)
+        except caller_context.NotCarried as exc:
+            print(_("command server: handed back to the caller: {why}").format(why=exc), file=sys.stderr, flush=True)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            conn.sendall(launcher.MSG_FALLBACK)
+            os._exit(0)
+        conn.sendall(launcher.MSG_PID + pid.to_bytes(8, "big"))
+        os.write(go_w, b"g")
+        os.close(go_w)
+        print(_("command server: child {pid} runs a command").format(pid=pid), file=sys.stderr, flush=True)
+        code = _watch(conn, pid)
     except BaseException:  # never back into the server's loop
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _watch(conn: socket.socket, pid: int) -> int:
+    """Until the command ends: the caller gone (killed, its terminal closed) is a hangup for
+    it, and a stopped one is continued to receive it; then its status goes to the caller."""
+    ended = os.pidfd_open(pid)
+    hung_up = False
+    while True:
+        ready = select.select([ended] if hung_up else [ended, conn], [], [])[0]
+        if ended in ready:
+            break
+        hung_up = True  # the caller never writes again: readable means gone
+        for signum in (signal.SIGHUP, signal.SIGCONT):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    _waited, status = os.waitpid(pid, 0)
+    reply = (launcher.MSG_SIGNAL + bytes([os.WTERMSIG(status)]) if os.WIFSIGNALED(status)
+             else launcher.MSG_EXIT + bytes([os.waitstatus_to_exitcode(status) & 0xFF]))
+    try:
+        conn.sendall(reply)
+    except OSError:
+        pass  # the caller is gone; nobody to tell
+    return 0
 
 
 def _reopen_stdio(params: list[tuple[str, str, bool, bool]]) -> None:
@@ -295,23 +286,30 @@ def _reopen_stdio(params: list[tuple[str, str, bool, bool]]) -> None:
     def stream(fd: int, mode: str, enc: str, errors: str, line: bool, through: bool) -> io.TextIOWrapper:
         raw = io.FileIO(fd, mode, closefd=False)
         buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-        return io.TextIOWrapper(buffered, encoding=enc, errors=errors, line_buffering=line, write_through=through)
+        return io.TextIOWrapper(buffered, encoding=enc, errors=errors, newline="\n", line_buffering=line,
+                                write_through=through)
 
     sys.stdin = stream(0, "r", *params[0])
     sys.stdout = stream(1, "w", *params[1])
     sys.stderr = stream(2, "w", *params[2])
 
 
-def _run_command(fds: list[int], request: dict) -> None:
-    """In the command's process: become the caller's process, and run."""
+def _run_command(go: int, fds: list[int], payload: bytearray) -> None:
+    """In the command's process: wait for the go (the caller's context is set on us by then),
+    become the caller's process, and run."""
     code = 70
     try:
+        if os.read(go, 1) != b"g":
+            os._exit(0)  # handed back to the caller: nothing ran
+        os.close(go)
+        request = launcher.decode_request(payload)
+        payload[:] = bytes(len(payload))
         for name in launcher.FORWARDED_SIGNALS:
             signum = getattr(signal, name)
             signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else signal.SIG_DFL)
         if signal.SIGINT not in request["ignored"]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])
+        signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])  # what came meanwhile lands now
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]  # none clobbered by a dup2
         for target, fd in enumerate(high[:3]):
             os.dup2(fd, target)

@@ -43,6 +43,8 @@ LOCALE_VARS = (b"LANGUAGE", b"LC_ALL", b"LC_MESSAGES", b"LANG")
 # passed on to the command, unless the caller ignores them (nohup, background jobs)
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 PROMPT_FREE_ENV = ("KIWI_RESTORE_PASSPHRASE", "KIWI_RESTORE_PASSPHRASE_FILE")
+STATUS_FIELDS = ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+NAMESPACES = ("mnt", "pid", "user", "net", "ipc", "uts", "cgroup")
 
 
 def runtime_dir() -> str | None:
@@ -60,6 +62,38 @@ def runtime_dir() -> str | None:
 def package_root() -> bytes:
     """This installation of kiwi-restore: a server of another one must not run our commands."""
     return os.fsencode(os.path.dirname(os.path.realpath(__file__)))
+
+
+def confinement(pid: int) -> tuple:
+    """What the kernel lets process PID do beyond its uid: must be equal for a caller and the
+    server that runs its command, each checks the other (what can be carried over instead,
+    priorities, limits, cgroup, is: caller_context.py). A fact that cannot be read stands as
+    its errno, which only the same error on the other side equals."""
+    facts: list[object] = []
+    for ns in NAMESPACES:
+        try:
+            facts.append(os.readlink(f"/proc/{pid}/ns/{ns}"))
+        except OSError as exc:
+            facts.append(exc.errno)
+    try:
+        st = os.stat(f"/proc/{pid}/root")
+        facts.append((st.st_dev, st.st_ino))
+    except OSError as exc:
+        facts.append(exc.errno)
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            lines = dict(line.rstrip(b"\n").split(b":\t", 1) for line in f if b":\t" in line)
+        # groups decide what a user may open; root's (a login's "0", a service's none) do not
+        names = STATUS_FIELDS if os.getuid() else tuple(n for n in STATUS_FIELDS if n != "Groups")
+        facts.extend(lines.get(name.encode()) for name in names)
+    except OSError as exc:
+        facts.append(exc.errno)
+    try:
+        with open(f"/proc/{pid}/attr/current", "rb") as f:
+            facts.append(f.read())
+    except OSError as exc:
+        facts.append(exc.errno)
+    return tuple(facts)
 
 
 def private_to_us(path: str, is_socket: bool) -> bool:
@@ -185,9 +219,9 @@ def _delegate(path: str) -> int | None:
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         sock.connect(path)
-        _pid, uid, _gid = memoryview(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)).cast("i")
-        if uid != os.getuid():
-            return None
+        server, uid, _gid = memoryview(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)).cast("i")
+        if uid != os.getuid() or confinement(server) != confinement(os.getpid()):
+            return None  # a listener held to less, or more, than we are gets nothing from us
         umask = os.umask(0o077)
         os.umask(umask)
         blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
@@ -198,8 +232,8 @@ def _delegate(path: str) -> int | None:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd))  # C ints
         sock.settimeout(None)
-        committed = True  # past this point the command is the server's to run
         sock.sendmsg([MSG_GO], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        committed = True  # past this point the server runs the command, or hands it back
     except OSError:
         if not committed:
             sock.close()
@@ -210,8 +244,9 @@ def _delegate(path: str) -> int | None:
     return _follow(sock, ignored)
 
 
-def _follow(sock, ignored: list[int]) -> int:
-    """Pass our signals to the command, stop and continue with it, and return its status."""
+def _follow(sock, ignored: list[int]) -> int | None:
+    """Pass our signals to the command, stop and continue with it, and return its status
+    (None: the server handed the command back before starting it)."""
     import signal
 
     child = [0]  # the command's pid, once the server has said it
@@ -233,13 +268,20 @@ def _follow(sock, ignored: list[int]) -> int:
         signal.signal(signal.SIGTSTP, stop)  # continued (fg, bg): so is the command
         forward(signal.SIGCONT, None)
 
-    for name in FORWARDED_SIGNALS:
-        if getattr(signal, name) not in ignored:
-            signal.signal(getattr(signal, name), forward)
-    signal.signal(signal.SIGTSTP, stop)
-    signal.signal(signal.SIGCONT, forward)
+    ours = [getattr(signal, n) for n in FORWARDED_SIGNALS if getattr(signal, n) not in ignored]
+    ours += [signal.SIGTSTP, signal.SIGCONT]
+    before = {signum: signal.getsignal(signum) for signum in ours}
+    for signum in ours:
+        signal.signal(signum, stop if signum == signal.SIGTSTP else forward)
     try:
-        if _recv_exact(sock, 1) == MSG_PID:
+        kind = _recv_exact(sock, 1)
+        if kind == MSG_FALLBACK:  # it could not give the command our context: nothing ran
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
+            for signum in pending:  # what came meanwhile is for the command we now run
+                os.kill(os.getpid(), signum)
+            return None
+        if kind == MSG_PID:
             child[0] = int.from_bytes(_recv_exact(sock, 8), "big")
             for signum in pending:
                 forward(signum, None)
@@ -248,7 +290,8 @@ def _follow(sock, ignored: list[int]) -> int:
                 return _recv_exact(sock, 1)[0]
             if kind == MSG_SIGNAL:  # die of the same signal, as the caller's shell expects
                 signum = _recv_exact(sock, 1)[0]
-                signal.signal(signum, signal.SIG_DFL)
+                if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+                    signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
                 return 128 + signum
     except OSError:
@@ -262,8 +305,17 @@ def _follow(sock, ignored: list[int]) -> int:
     return 1
 
 
+def _stdio_open() -> bool:
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:
+        return False  # a closed one would be taken by our socket and handed over as stdio
+    return True
+
+
 def main() -> None:
-    if not os.environ.get(ENV_NO_SERVER) and not runs_here(sys.argv):
+    if not os.environ.get(ENV_NO_SERVER) and _stdio_open() and not runs_here(sys.argv):
         folder = runtime_dir()
         if folder and private_to_us(folder, False):
             path = os.path.join(folder, SOCKET_NAME)

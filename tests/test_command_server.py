@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import select
 import signal
 import socket
@@ -160,14 +161,45 @@ def test_a_mount_through_the_server_follows_its_caller(server: Server, contract:
 
 
 def test_a_caller_confined_otherwise_runs_its_command_itself(server: Server, contract: str) -> None:
-    # a sandbox (its own mount namespace, no_new_privs) or another priority must not be
-    # shed by having the server run the command
-    for wrapper in (["unshare", "--mount"], ["setpriv", "--no-new-privs"], ["nice", "-n", "5"]):
+    # a sandbox (its own mount namespace, no_new_privs) must not be shed by having the
+    # server run the command: the caller runs it itself
+    for wrapper in (["unshare", "--mount"], ["setpriv", "--no-new-privs"]):
         p = subprocess.run([*wrapper, SCRIPT, "contract", "list"], capture_output=True, env=server.env,
                            stdin=subprocess.DEVNULL, timeout=120)
         assert p.returncode == 0 and b"acme" in p.stdout, (wrapper, p.stderr)
     assert server.children() == 0
     assert server.run("contract", "list").returncode == 0 and server.children() == 1
+
+
+def test_the_callers_priorities_and_limits_are_the_commands(server: Server, contract: str, tmp_path: Path) -> None:
+    from kiwi_restore import caller_context
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"a")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    caller = subprocess.Popen(["nice", "-n", "5", "ionice", "-c", "3", "prlimit", "--nofile=100:200", "--",
+                               SCRIPT, "mount", contract, str(mnt), "--foreground"], env=server.env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not mounted(mnt):
+            assert caller.poll() is None, caller.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert server.children() == 1
+        command = int(server.log().rsplit(CHILD_LINE, 1)[1].split()[0])
+        ctx = caller_context.read(command)
+        assert ctx.nice == 5
+        assert ctx.ioprio >> 13 == 3  # the idle I/O class
+        assert ctx.limits[resource.RLIMIT_NOFILE] == (100, 200)
+        assert ctx.affinity == os.sched_getaffinity(0)
+    finally:
+        caller.send_signal(signal.SIGINT)
+        caller.communicate(timeout=60)
+    assert caller.returncode == 0 and not mounted(mnt)
 
 
 def _raw_request(server: Server, root: bytes) -> tuple[socket.socket, bytes]:
@@ -203,6 +235,21 @@ def test_another_installation_and_a_caller_who_gave_up_get_nothing_run(server: S
     time.sleep(1)  # the server reads the abandoned request now, and must not run it
     assert server.children() == 0
     assert run_cli("machine", "list", contract, check=True).stdout.count(b"pc9") == 1
+
+
+def test_a_caller_with_a_closed_standard_stream_runs_its_command_itself(server: Server, contract: str) -> None:
+    # a closed stdout: alone the command's output goes nowhere and it succeeds; our socket
+    # must not become the command's stdout
+    for closed in (0, 1):
+        codes = []
+        for alone in (True, False):
+            env = {**server.env, **({launcher.ENV_NO_SERVER: "1"} if alone else {})}
+            p = subprocess.run([SCRIPT, "contract", "list"], env=env, stderr=subprocess.PIPE, timeout=60,
+                               **({"stdout": subprocess.DEVNULL} if closed == 0 else {"stdin": subprocess.DEVNULL}),
+                               preexec_fn=lambda fd=closed: os.close(fd))
+            codes.append(p.returncode)
+        assert codes[0] == codes[1]
+    assert server.children() == 0
 
 
 def test_another_language_runs_in_its_own_process(server: Server, contract: str) -> None:
@@ -312,7 +359,32 @@ def _waiting_at_a_prompt(server: Server, contract: str, tty: tuple[int, int], cw
         if select.select([primary], [], [], 0.1)[0]:
             seen += os.read(primary, 4096)
     assert server.children() == before + (0 if alone else 1)
+    # signal only once it sits in its read of the terminal (a signal before would find
+    # Python's handlers not yet set, alone or served alike)
+    command = caller.pid if alone else _last_child(server)
+    read_call = {"x86_64": "0", "aarch64": "63"}.get(os.uname().machine)
+    while read_call and _syscall(command) != read_call:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    caller.command = command
     return caller
+
+
+def _last_child(server: Server) -> int:
+    return int(server.log().rsplit(CHILD_LINE, 1)[1].split()[0])
+
+
+def _syscall(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0].decode()
 
 
 def test_signals_end_a_served_command_as_they_end_one_alone(server: Server, contract: str, tmp_path: Path) -> None:
@@ -327,6 +399,24 @@ def test_signals_end_a_served_command_as_they_end_one_alone(server: Server, cont
                 codes.append(caller.returncode)
             assert codes[0] == codes[1], (sig, codes)
             assert codes[0] == (130 if sig == signal.SIGINT else -sig)  # Ctrl-C: "aborted", 130
+        # the command killed outright: the caller dies the same way
+        caller = _waiting_at_a_prompt(server, contract, tty, tmp_path)
+        os.kill(caller.command, signal.SIGKILL)
+        caller.communicate(timeout=60)
+        assert caller.returncode == -signal.SIGKILL
+        # Ctrl-Z stops the command with its caller; the caller killed while stopped: the
+        # command is continued to receive its hangup, and ends
+        caller = _waiting_at_a_prompt(server, contract, tty, tmp_path)
+        caller.send_signal(signal.SIGTSTP)
+        deadline = time.monotonic() + 30
+        while _state(caller.command) != "T" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _state(caller.command) == "T"
+        caller.kill()
+        caller.communicate(timeout=60)
+        while alive(caller.command) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(caller.command)
         # an ignored signal stays ignored (nohup), through the server too
         caller = _waiting_at_a_prompt(server, contract, tty, tmp_path, ignore=signal.SIGHUP)
         caller.send_signal(signal.SIGHUP)
