@@ -170,7 +170,7 @@ class CommandServer:
             peer, uid, _gid = memoryview(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
             if uid != os.getuid():
                 return "refused"
-            peer_confinement = launcher.confinement(peer)  # now: the caller is alive, waiting on us
+            peer_confinement = launcher.confinement(peer)  # at once, while the caller waits on us
             deadline = time.monotonic() + REQUEST_DEADLINE
             conn.settimeout(REQUEST_DEADLINE)
             size = int.from_bytes(launcher._recv_exact(conn, 8), "big")
@@ -237,29 +237,41 @@ def _supervise(listener: socket.socket, conn: socket.socket, caller: int, payloa
         payload[:] = bytes(len(payload))  # the command's copy is the only one left
         for fd in fds:  # the command's now: the caller's pipes must not wait on us
             os.close(fd)
+        # everything that can fail comes before the go: after it, the command is watched
         try:
             caller_context.apply(caller_context.read(caller), pid)
-        except caller_context.NotCarried as exc:
-            print(_("command server: handed back to the caller: {why}").format(why=exc), file=sys.stderr, flush=True)
-            os.kill(pid, signal.SIGKILL)
+            ended = os.pidfd_open(pid)
+            conn.sendall(launcher.MSG_PID + pid.to_bytes(8, "big"))
+        except (caller_context.NotCarried, OSError) as exc:
+            os.kill(pid, signal.SIGKILL)  # it never started
             os.waitpid(pid, 0)
-            conn.sendall(launcher.MSG_FALLBACK)
+            _log(_("command server: handed back to the caller: {why}").format(why=exc))
+            try:
+                conn.sendall(launcher.MSG_FALLBACK)
+            except OSError:
+                pass
             os._exit(0)
-        conn.sendall(launcher.MSG_PID + pid.to_bytes(8, "big"))
+        _log(_("command server: child {pid} runs a command").format(pid=pid))
         os.write(go_w, b"g")
         os.close(go_w)
-        print(_("command server: child {pid} runs a command").format(pid=pid), file=sys.stderr, flush=True)
-        code = _watch(conn, pid)
+        code = _watch(conn, pid, ended)
     except BaseException:  # never back into the server's loop
         traceback.print_exc()
     finally:
         os._exit(code)
 
 
-def _watch(conn: socket.socket, pid: int) -> int:
+def _log(message: str) -> None:
+    """A line in the server's log; a log that cannot be written stops nothing."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except Exception:
+        pass
+
+
+def _watch(conn: socket.socket, pid: int, ended: int) -> int:
     """Until the command ends: the caller gone (killed, its terminal closed) is a hangup for
     it, and a stopped one is continued to receive it; then its status goes to the caller."""
-    ended = os.pidfd_open(pid)
     hung_up = False
     while True:
         ready = select.select([ended] if hung_up else [ended, conn], [], [])[0]
@@ -309,7 +321,6 @@ def _run_command(go: int, fds: list[int], payload: bytearray) -> None:
             signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else signal.SIG_DFL)
         if signal.SIGINT not in request["ignored"]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])  # what came meanwhile lands now
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]  # none clobbered by a dup2
         for target, fd in enumerate(high[:3]):
             os.dup2(fd, target)
@@ -325,8 +336,12 @@ def _run_command(go: int, fds: list[int], payload: bytearray) -> None:
         from .cli import main
 
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, request["blocked"])  # what came meanwhile lands now
             main()
             code = 0
+        except KeyboardInterrupt:  # a Ctrl-C that came before main() could catch it
+            print(_("interrupted"), file=sys.stderr)
+            code = 130
         except SystemExit as exc:
             if exc.code is None or isinstance(exc.code, int):
                 code = exc.code or 0

@@ -43,7 +43,8 @@ LOCALE_VARS = (b"LANGUAGE", b"LC_ALL", b"LC_MESSAGES", b"LANG")
 # passed on to the command, unless the caller ignores them (nohup, background jobs)
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 PROMPT_FREE_ENV = ("KIWI_RESTORE_PASSPHRASE", "KIWI_RESTORE_PASSPHRASE_FILE")
-STATUS_FIELDS = ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+STATUS_FIELDS = ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "Seccomp_filters", "CapInh", "CapPrm", "CapEff",
+                 "CapBnd", "CapAmb")
 NAMESPACES = ("mnt", "pid", "user", "net", "ipc", "uts", "cgroup")
 
 
@@ -206,6 +207,55 @@ def _recv_exact(sock, n: int) -> bytes:
     return buf
 
 
+class _Forwarding:
+    """Our signals, passed to the command once its pid is known (queued until then), and
+    given back to us if the command goes back to us unstarted."""
+
+    def __init__(self, ignored: list[int]) -> None:
+        import signal
+
+        self.signal = signal
+        self.child = 0
+        self.pending: list[int] = []
+        ours = [getattr(signal, n) for n in FORWARDED_SIGNALS if getattr(signal, n) not in ignored]
+        ours += [signal.SIGTSTP, signal.SIGCONT]
+        self.before = {signum: signal.getsignal(signum) for signum in ours}
+        for signum in ours:
+            signal.signal(signum, self.stop if signum == signal.SIGTSTP else self.forward)
+
+    def forward(self, signum: int, _frame: object = None) -> None:
+        if not self.child:
+            self.pending.append(signum)
+            return
+        try:
+            os.kill(self.child, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, _signum: int, _frame: object) -> None:  # Ctrl-Z: the command stops with us
+        signal = self.signal
+        self.forward(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, self.stop)  # continued (fg, bg): so is the command
+        self.forward(signal.SIGCONT)
+
+    def started(self, child: int) -> None:
+        self.child = child
+        for signum in self.pending:
+            self.forward(signum)
+
+    def give_back(self) -> None:
+        """The command will run here: our handlers as they were, and what came meanwhile
+        (but a Ctrl-Z already done with) delivered to us."""
+        signal = self.signal
+        for signum, handler in self.before.items():
+            signal.signal(signum, handler)
+        for signum in self.pending:
+            if signum not in (signal.SIGSTOP, signal.SIGCONT):
+                os.kill(os.getpid(), signum)
+
+
 def _delegate(path: str) -> int | None:
     """Run sys.argv in a process of the server at PATH: its exit status, or None to run here."""
     # _socket, the C module: socket.py would import enum and selectors, more than this file
@@ -215,7 +265,7 @@ def _delegate(path: str) -> int | None:
     ignored = [getattr(signal, n) for n in FORWARDED_SIGNALS if signal.getsignal(getattr(signal, n)) == signal.SIG_IGN]
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     cwd = -1
-    committed = False
+    forwarding = None
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         sock.connect(path)
@@ -232,76 +282,46 @@ def _delegate(path: str) -> int | None:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd))  # C ints
         sock.settimeout(None)
+        forwarding = _Forwarding(ignored)  # before the go: no signal of ours falls between
         sock.sendmsg([MSG_GO], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        committed = True  # past this point the server runs the command, or hands it back
+        return _follow(sock, forwarding)
     except OSError:
-        if not committed:
-            sock.close()
-            return None  # no server listening (a stale socket), a stuck one, or one that died
-    finally:
-        if cwd >= 0:
-            os.close(cwd)
-    return _follow(sock, ignored)
-
-
-def _follow(sock, ignored: list[int]) -> int | None:
-    """Pass our signals to the command, stop and continue with it, and return its status
-    (None: the server handed the command back before starting it)."""
-    import signal
-
-    child = [0]  # the command's pid, once the server has said it
-    pending: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        if not child[0]:
-            pending.append(signum)
-            return
-        try:
-            os.kill(child[0], signum)
-        except ProcessLookupError:
-            pass
-
-    def stop(_signum: int, _frame: object) -> None:  # Ctrl-Z: the command stops with us
-        forward(signal.SIGSTOP, None)
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)
-        signal.signal(signal.SIGTSTP, stop)  # continued (fg, bg): so is the command
-        forward(signal.SIGCONT, None)
-
-    ours = [getattr(signal, n) for n in FORWARDED_SIGNALS if getattr(signal, n) not in ignored]
-    ours += [signal.SIGTSTP, signal.SIGCONT]
-    before = {signum: signal.getsignal(signum) for signum in ours}
-    for signum in ours:
-        signal.signal(signum, stop if signum == signal.SIGTSTP else forward)
-    try:
-        kind = _recv_exact(sock, 1)
-        if kind == MSG_FALLBACK:  # it could not give the command our context: nothing ran
-            for signum, handler in before.items():
-                signal.signal(signum, handler)
-            for signum in pending:  # what came meanwhile is for the command we now run
-                os.kill(os.getpid(), signum)
-            return None
-        if kind == MSG_PID:
-            child[0] = int.from_bytes(_recv_exact(sock, 8), "big")
-            for signum in pending:
-                forward(signum, None)
-            kind = sock.recv(1)  # resumes by itself after a forwarded signal
-            if kind == MSG_EXIT:
-                return _recv_exact(sock, 1)[0]
-            if kind == MSG_SIGNAL:  # die of the same signal, as the caller's shell expects
-                signum = _recv_exact(sock, 1)[0]
-                if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
-                    signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return 128 + signum
-    except OSError:
-        pass
+        if forwarding is not None:
+            forwarding.give_back()
+        return None  # no server listening (a stale socket), a stuck one, or one that died
     finally:
         sock.close()
+        if cwd >= 0:
+            os.close(cwd)
+
+
+def _follow(sock, forwarding: _Forwarding) -> int | None:
+    """The command's status (None: the server handed it back unstarted, run it here)."""
+    signal = forwarding.signal
+    try:
+        kind = _recv_exact(sock, 1)
+    except OSError:
+        kind = b""
+    if kind != MSG_PID:  # handed back, or the server gone before the command could start
+        forwarding.give_back()
+        return None
+    try:
+        forwarding.started(int.from_bytes(_recv_exact(sock, 8), "big"))
+        kind = sock.recv(1)  # resumes by itself after a forwarded signal
+        if kind == MSG_EXIT:
+            return _recv_exact(sock, 1)[0]
+        if kind == MSG_SIGNAL:  # die of the same signal, as the caller's shell expects
+            signum = _recv_exact(sock, 1)[0]
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+                signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return 128 + signum
+    except OSError:
+        pass
     from .i18n import _
 
     sys.stderr.write("kiwi-restore: " + _("error") + ": " + _(
-        "the command's process (pid {pid}) ended without a status").format(pid=child[0] or "?") + "\n")
+        "the command's process (pid {pid}) ended without a status").format(pid=forwarding.child or "?") + "\n")
     return 1
 
 

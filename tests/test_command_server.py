@@ -181,6 +181,7 @@ def test_the_callers_priorities_and_limits_are_the_commands(server: Server, cont
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     caller = subprocess.Popen(["nice", "-n", "5", "ionice", "-c", "3", "prlimit", "--nofile=100:200", "--",
+                               "taskset", "-c", "0", "choom", "-n", "300", "--",
                                SCRIPT, "mount", contract, str(mnt), "--foreground"], env=server.env,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -195,11 +196,57 @@ def test_the_callers_priorities_and_limits_are_the_commands(server: Server, cont
         assert ctx.nice == 5
         assert ctx.ioprio >> 13 == 3  # the idle I/O class
         assert ctx.limits[resource.RLIMIT_NOFILE] == (100, 200)
-        assert ctx.affinity == os.sched_getaffinity(0)
+        assert ctx.affinity == {0}
+        assert ctx.oom_score_adj == b"300"
     finally:
         caller.send_signal(signal.SIGINT)
         caller.communicate(timeout=60)
     assert caller.returncode == 0 and not mounted(mnt)
+
+
+def _other_cgroup(tmp_path: Path) -> Path:
+    """A cgroup of our own next to ours: on cgroup v2 in the unified tree, on v1 in the pids
+    hierarchy (skip where cgroups cannot be made)."""
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    if len(lines) == 1 and lines[0].startswith("0::"):
+        base = Path("/sys/fs/cgroup") / lines[0][3:].lstrip("/")
+    else:
+        rel = next((ln.split(":", 2)[2] for ln in lines if ln.split(":")[1] == "pids"), None)
+        if rel is None:
+            pytest.skip("no pids hierarchy on this cgroup v1 system")
+        base = Path("/sys/fs/cgroup/pids") / rel.lstrip("/")
+    group = base / f"kiwi-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
+    return group
+
+
+def test_a_caller_in_another_cgroup_has_its_command_run_there_or_runs_it_itself(server: Server, contract: str,
+                                                                                  tmp_path: Path) -> None:
+    group = _other_cgroup(tmp_path)
+    v2 = str(group).startswith("/sys/fs/cgroup/") and not str(group).startswith("/sys/fs/cgroup/pids/")
+    try:
+        def enter() -> None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        p = subprocess.run([SCRIPT, "contract", "list"], capture_output=True, env=server.env,
+                           stdin=subprocess.DEVNULL, timeout=120, preexec_fn=enter)
+        assert p.returncode == 0 and b"acme" in p.stdout, p.stderr
+        if v2:  # moved into the caller's cgroup by the server, and run there
+            assert server.children() == 1
+        else:  # v1: handed back before it started, and run by the caller itself
+            assert server.children() == 0
+            assert "handed back to the caller" in server.log()
+    finally:
+        for _ in range(100):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
 
 
 def _raw_request(server: Server, root: bytes) -> tuple[socket.socket, bytes]:
