@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from test_fuse import alive, mounted, snapshot_dirs, umount
+from test_s3_support import s3_contract, s3_store  # noqa: F401 (fixtures)
 
 from kiwi_restore import launcher
 
@@ -477,3 +478,17 @@ def test_signals_end_a_served_command_as_they_end_one_alone(server: Server, cont
             os.close(fd)
     # nothing was confirmed: the contract was never marked for destruction
     assert b"destroy" not in run_cli("contract", "status", contract, check=True).stdout.lower()
+
+
+def test_a_contract_on_s3_through_the_server(s3_contract: str, server: Server, tmp_path: Path) -> None:  # noqa: F811
+    # the S3 client is not preloaded: the command's process imports it, as a command alone does
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f.txt").write_bytes(b"on s3\n")
+    p = server.run("backup", s3_contract, "-m", "pc1", str(src))
+    assert p.returncode == 0, p.stderr
+    served = server.run("ls", s3_contract, "latest", str(src / "d"))
+    alone = server.run("ls", s3_contract, "latest", str(src / "d"), env={launcher.ENV_NO_SERVER: "1"})
+    assert server.children() == 2
+    assert served.returncode == 0 and b"f.txt" in served.stdout
+    assert (served.returncode, served.stdout, served.stderr) == (alone.returncode, alone.stdout, alone.stderr)
