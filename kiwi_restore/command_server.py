@@ -84,7 +84,7 @@ class CommandServer:
         self.path = os.path.join(folder, launcher.SOCKET_NAME)
         self.catalog = i18n.catalog_for(os.environ)
         self.root = launcher.package_root()
-        self.fsencoding = f"{sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}"
+        self.fsencoding = launcher.fs_encoding()
         self.confinement = launcher.confinement(os.getpid())
         self.sock: socket.socket | None = None
         self.stamps: dict[str, int] = {}
@@ -173,7 +173,7 @@ class CommandServer:
             peer_confinement = launcher.confinement(peer)  # at once, while the caller waits on us
             deadline = time.monotonic() + REQUEST_DEADLINE
             conn.settimeout(REQUEST_DEADLINE)
-            size = int.from_bytes(launcher._recv_exact(conn, 8), "big")
+            size = int.from_bytes(launcher.recv_exact(conn, 8), "big")
             if not 0 < size <= MAX_REQUEST:
                 return "refused"
             payload = bytearray(size)
@@ -186,8 +186,7 @@ class CommandServer:
                 got += n
             view.release()
             if _stale(self.stamps):  # first: a newer launcher may speak a newer protocol
-                self._decline(conn, "stale")
-                return "stale"
+                return self._decline(conn, "stale")
             fields = launcher.decode_head(payload)
             if (fields["root"], fields["version"]) != (self.root, __version__):
                 return self._decline(conn, "another installation")

@@ -65,6 +65,11 @@ def package_root() -> bytes:
     return os.fsencode(os.path.dirname(os.path.realpath(__file__)))
 
 
+def fs_encoding() -> str:
+    """How this Python turns file names into str: caller and server must agree."""
+    return f"{sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}"
+
+
 def confinement(pid: int) -> tuple:
     """What the kernel lets process PID do beyond its uid: must be equal for a caller and the
     server that runs its command, each checks the other (what can be carried over instead,
@@ -141,7 +146,7 @@ def encode_request(argv: list[str], umask: int, env: dict[bytes, bytes], *, root
     variables; the rest only the command's own process reads: argv, umask, streams,
     signals, environment."""
     head = [REQUEST_MAGIC, root if root is not None else package_root(), __version__.encode(),
-            f"{sys.getfilesystemencoding()}:{sys.getfilesystemencodeerrors()}".encode()]
+            fs_encoding().encode()]
     head += [name + b"=" + env.get(name, b"") for name in LOCALE_VARS]
     body = [b"%d" % umask, _stream_params(sys.stdin), _stream_params(sys.stdout), _stream_params(sys.stderr),
             b",".join(b"%d" % s for s in ignored), b",".join(b"%d" % s for s in blocked), b"%d" % len(argv)]
@@ -197,7 +202,7 @@ def decode_request(payload: bytes | bytearray) -> dict[str, object]:
     return {"umask": umask, "streams": streams, "ignored": ignored, "blocked": blocked, "argv": argv, "env": env}
 
 
-def _recv_exact(sock, n: int) -> bytes:
+def recv_exact(sock, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         part = sock.recv(n - len(buf))
@@ -277,7 +282,7 @@ def _delegate(path: str) -> int | None:
         blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
         payload = encode_request(sys.argv, umask, dict(os.environb), ignored=ignored, blocked=blocked)
         sock.sendall(len(payload).to_bytes(8, "big") + payload)
-        if _recv_exact(sock, 1) != MSG_ACCEPT:  # MSG_FALLBACK, or a server going away
+        if recv_exact(sock, 1) != MSG_ACCEPT:  # MSG_FALLBACK, or a server going away
             return None
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd))  # C ints
@@ -299,19 +304,19 @@ def _follow(sock, forwarding: _Forwarding) -> int | None:
     """The command's status (None: the server handed it back unstarted, run it here)."""
     signal = forwarding.signal
     try:
-        kind = _recv_exact(sock, 1)
+        kind = recv_exact(sock, 1)
     except OSError:
         kind = b""
     if kind != MSG_PID:  # handed back, or the server gone before the command could start
         forwarding.give_back()
         return None
     try:
-        forwarding.started(int.from_bytes(_recv_exact(sock, 8), "big"))
+        forwarding.started(int.from_bytes(recv_exact(sock, 8), "big"))
         kind = sock.recv(1)  # resumes by itself after a forwarded signal
         if kind == MSG_EXIT:
-            return _recv_exact(sock, 1)[0]
+            return recv_exact(sock, 1)[0]
         if kind == MSG_SIGNAL:  # die of the same signal, as the caller's shell expects
-            signum = _recv_exact(sock, 1)[0]
+            signum = recv_exact(sock, 1)[0]
             if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
                 signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)

@@ -54,6 +54,10 @@ class Server:
     def children(self) -> int:
         return self.log().count(CHILD_LINE)
 
+    def last_child(self) -> int:
+        """The pid of the command's process the server started last."""
+        return int(self.log().rsplit(CHILD_LINE, 1)[1].split()[0])
+
     def run(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
         return subprocess.run([SCRIPT, *args], capture_output=True, env={**self.env, **(env or {})},
                               stdin=subprocess.DEVNULL, timeout=120, **kw)
@@ -131,12 +135,9 @@ def test_a_mount_through_the_server_follows_its_caller(server: Server, contract:
         assert (mnt / "pc1" / snap / str(src).lstrip("/") / "a.txt").read_bytes() == b"a" * 1000
         return caller
 
-    def serving_child() -> int:
-        return int(server.log().rsplit(CHILD_LINE, 1)[1].split()[0])
-
     # Ctrl-C on the caller reaches the mount, which unmounts cleanly
     caller = foreground()
-    child = serving_child()
+    child = server.last_child()
     caller.send_signal(signal.SIGINT)
     out, err = caller.communicate(timeout=60)
     assert caller.returncode == 0, err
@@ -145,7 +146,7 @@ def test_a_mount_through_the_server_follows_its_caller(server: Server, contract:
     umount(mnt, child)
     # a caller killed outright is a hangup for the mount: it unmounts, nothing left behind
     caller = foreground()
-    child = serving_child()
+    child = server.last_child()
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 30
@@ -195,7 +196,7 @@ def test_the_callers_priorities_and_limits_are_the_commands(server: Server, cont
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert server.children() == 1
-        command = int(server.log().rsplit(CHILD_LINE, 1)[1].split()[0])
+        command = server.last_child()
         ctx = caller_context.read(command)
         assert ctx.nice == 5
         assert (ctx.ioprio >> 13, ctx.ioprio & 0xFF) == (2, 7)  # best effort, level 7
@@ -412,17 +413,13 @@ def _waiting_at_a_prompt(server: Server, contract: str, tty: tuple[int, int], cw
     assert server.children() == before + (0 if alone else 1)
     # signal only once it sits in its read of the terminal (a signal before would find
     # Python's handlers not yet set, alone or served alike)
-    command = caller.pid if alone else _last_child(server)
+    command = caller.pid if alone else server.last_child()
     read_call = {"x86_64": "0", "aarch64": "63"}.get(os.uname().machine)
     while read_call and _syscall(command) != read_call:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     caller.command = command
     return caller
-
-
-def _last_child(server: Server) -> int:
-    return int(server.log().rsplit(CHILD_LINE, 1)[1].split()[0])
 
 
 def _syscall(pid: int) -> str:
