@@ -5,7 +5,11 @@ choice, mount point) is checked before the process detaches, so it ends as one l
 its exit code. The detached child tells the parent over a pipe once the mount answers
 (a stat of the mount point went through the FUSE loop); only then does the parent exit 0.
 
-SIGINT, SIGTERM and SIGHUP end the session and unmount. If the loop itself dies (a bug),
+SIGINT, SIGTERM and SIGHUP end the session and unmount, whenever they come: from just before
+the mount until the loop's receiver takes over, a handler of ours holds them for it, and one
+coming during the unmount is only logged. So a Ctrl-C right after the mount appears neither
+kills the process before it can unmount nor leaves the loop waiting on a mount nobody serves.
+If the loop itself dies (a bug),
 the mount is deliberately left in place, dead (ENOTCONN), like borg does: an empty mount
 point could make an `rsync --delete` from it wipe a mirror. `kiwi-restore umount` clears it.
 """
@@ -43,6 +47,7 @@ READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024  # per-mount kernel readahead (default 128 KiB): fewer, larger reads
 TRIM_SECONDS = 2.0
 SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ACCESS_CHECK_SECONDS = 60  # how often a live session re-checks the contract's access rules
 # (KIWI_RESTORE_ACCESS_CHECK_SECONDS overrides it, for tests)
 
@@ -240,9 +245,6 @@ def _mount_options(rec: ContractRecord, opts: MountOptions) -> set[str]:
 def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opts: MountOptions,
           session: str, ready: Callable[[str | None], None]) -> int:
     """Mount, serve until unmounted or signalled, unmount; returns an exit code."""
-    import pyfuse3
-    import trio
-
     from .audit import AuditWriter
     from .fs import KiwiFS
 
@@ -251,13 +253,32 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
     sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(level=logging.DEBUG if opts.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s kiwi-restore mount[%(process)d] %(levelname)s %(message)s")
+    audit = AuditWriter(site, rec, repo.keys.audit_cipher(), session)
+    fs = KiwiFS(repo, layout, opts.cache_bytes, audit)
+    # from the mount syscall on, a signal must end in the loop's unmount: held here until the
+    # loop's receiver takes them (Python runs handlers in the main thread, whichever thread
+    # the kernel picked), and after it closes, during the unmount
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in ENDING_SIGNALS}
+    try:
+        return _serve(site, rec, layout, opts, session, ready, audit, fs, held)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in held:  # a Ctrl-C pressed again asked for what is done: not an error exit now
+            log.info("signal %s during the unmount: ignored", signal.Signals(sig).name)
+
+
+def _serve(site: Site, rec: ContractRecord, layout: Layout, opts: MountOptions, session: str,
+           ready: Callable[[str | None], None], audit, fs, held: list[int]) -> int:
+    import pyfuse3
+    import trio
+
     snaps = layout.snapshots
     details = {"machines": sorted({s.machine for s in snaps}), "snapshots": [s.hex for s in snaps],
                "foreground": opts.foreground, "allow_other": opts.allow_other,
                "cache_bytes": opts.cache_bytes, "pid": os.getpid()}
     sealed = {"mountpoint": opts.mountpoint}
-    audit = AuditWriter(site, rec, repo.keys.audit_cipher(), session)
-    fs = KiwiFS(repo, layout, opts.cache_bytes, audit)
     try:
         pyfuse3.init(fs, opts.mountpoint, _mount_options(rec, opts))
     except Exception as exc:
@@ -288,7 +309,7 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
     try:
         log.info("contract %s: %d snapshot(s) mounted on %s (session %s)", rec.name, len(snaps),
                  opts.mountpoint, session)
-        trio.run(_main, fs, site, rec, opts, ready, reason)
+        trio.run(_main, fs, site, rec, opts, ready, reason, held)
         clean = True
     except BaseException as exc:
         reason[0] = f"failed: {type(exc).__name__}: {exc}"
@@ -308,21 +329,31 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
 
 
 async def _main(fs, site: Site, rec: ContractRecord, opts: MountOptions,
-                ready: Callable[[str | None], None], reason: list[str]) -> None:
+                ready: Callable[[str | None], None], reason: list[str], held: list[int]) -> None:
     import pyfuse3
     import trio
 
+    def end(sig: int) -> None:
+        if reason[0] == "unmounted":
+            reason[0] = f"signal {signal.Signals(sig).name}"
+            log.info("%s: unmounting", reason[0])
+            pyfuse3.terminate()
+        else:  # already ending: one unmount is enough
+            log.info("signal %s: already unmounting", signal.Signals(sig).name)
+
     async def signals() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
+        # whatever the receiver still holds when it closes, it raises again: into our handler
+        with trio.open_signal_receiver(*ENDING_SIGNALS) as received:
+            while held:  # came before the loop ran
+                end(held.pop(0))
             async for sig in received:
-                reason[0] = f"signal {signal.Signals(sig).name}"
-                log.info("%s: unmounting", reason[0])
-                pyfuse3.terminate()
-                return
+                end(sig)
 
     async def announce() -> None:
         try:
-            st = await trio.to_thread.run_sync(os.stat, opts.mountpoint)
+            # abandoned if the session ends first: this stat waits for the kernel's INIT,
+            # which a terminated loop never answers (the unmount then fails it)
+            st = await trio.to_thread.run_sync(os.stat, opts.mountpoint, abandon_on_cancel=True)
         except OSError as exc:
             ready(_("the mount does not answer: {err}").format(err=exc))
             reason[0] = "not answering"

@@ -521,6 +521,43 @@ def test_session_audit_and_sigterm_in_foreground(contract: str, site: Site, tmp_
     assert run_cli("audit", "verify").returncode == 0
 
 
+@pytest.mark.parametrize(("sig", "delay", "times"), [
+    (signal.SIGINT, 0, 1), (signal.SIGINT, 0.002, 1), (signal.SIGINT, 0.01, 1), (signal.SIGINT, 0.003, 2),
+    (signal.SIGTERM, 0, 1), (signal.SIGTERM, 0.004, 1), (signal.SIGHUP, 0.002, 1)])
+def test_a_signal_as_the_mount_appears_still_unmounts(contract: str, tmp_path: Path, sig: signal.Signals,
+                                                        delay: float, times: int) -> None:
+    """The signal lands between the mount syscall and the loop serving the kernel's INIT: it
+    once killed the process with the mount left dead (Ctrl-C at once), or hung the loop on its
+    own first stat of the mount (a few ms later), so a Ctrl-C went unanswered. An impatient
+    user's second Ctrl-C is no error."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"a")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "kiwi_restore.cli", "mount", contract, str(mnt), "--foreground"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not mounted(mnt):  # no sleep: the signal must come as soon as the mount exists
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+        time.sleep(delay)
+        for _ in range(times):  # pressed again at once: lands while the first is being handled
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)])
+    assert proc.returncode == 0, err.decode()
+    assert f"signal {sig.name}: unmounting".encode() in err
+    assert not mounted(mnt)
+
+
 def test_the_kernel_keeps_listings_so_a_second_walk_never_reaches_the_mount(contract: str, site: Site,
                                                                              tmp_path: Path) -> None:
     """pyfuse3 as setup.sh builds it skips opendir: the kernel caches each listing, and a
