@@ -31,6 +31,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import memory, service
 from ..errors import KiwiError, NotFound, PolicyError, UsageError
@@ -39,6 +40,10 @@ from ..repository import Repository
 from ..site import ContractRecord, Site
 from .layout import Layout, build
 from .layout import select as select_snapshots
+
+if TYPE_CHECKING:  # imported by serve() itself: pyfuse3 and trio load off the start's path
+    from .audit import AuditWriter
+    from .fs import KiwiFS
 
 log = logging.getLogger("kiwi_restore.fuse")
 
@@ -270,7 +275,7 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
 
 
 def _serve(site: Site, rec: ContractRecord, layout: Layout, opts: MountOptions, session: str,
-           ready: Callable[[str | None], None], audit, fs, held: list[int]) -> int:
+           ready: Callable[[str | None], None], audit: AuditWriter, fs: KiwiFS, held: list[int]) -> int:
     import pyfuse3
     import trio
 
@@ -328,7 +333,7 @@ def _serve(site: Site, rec: ContractRecord, layout: Layout, opts: MountOptions, 
     return 0 if clean else 1
 
 
-async def _main(fs, site: Site, rec: ContractRecord, opts: MountOptions,
+async def _main(fs: KiwiFS, site: Site, rec: ContractRecord, opts: MountOptions,
                 ready: Callable[[str | None], None], reason: list[str], held: list[int]) -> None:
     import pyfuse3
     import trio
