@@ -5,11 +5,10 @@ choice, mount point) is checked before the process detaches, so it ends as one l
 its exit code. The detached child tells the parent over a pipe once the mount answers
 (a stat of the mount point went through the FUSE loop); only then does the parent exit 0.
 
-SIGINT, SIGTERM and SIGHUP end the session and unmount, whenever they come: from just before
-the mount until the loop's receiver takes over, a handler of ours holds them for it, and one
-coming during the unmount is only logged. So a Ctrl-C right after the mount appears neither
-kills the process before it can unmount nor leaves the loop waiting on a mount nobody serves.
-If the loop itself dies (a bug),
+SIGINT, SIGTERM and SIGHUP end the session and unmount, whenever they come (EndingSignals):
+a Ctrl-C right after the mount appears neither kills the process before it can unmount nor
+leaves the loop waiting on a mount nobody serves; once the loop has stopped, one within a
+grace period is only logged, a later one ends a stuck process. If the loop itself dies (a bug),
 the mount is deliberately left in place, dead (ENOTCONN), like borg does: an empty mount
 point could make an `rsync --delete` from it wipe a mirror. `kiwi-restore umount` clears it.
 """
@@ -260,22 +259,57 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
                         format="%(asctime)s kiwi-restore mount[%(process)d] %(levelname)s %(message)s")
     audit = AuditWriter(site, rec, repo.keys.audit_cipher(), session)
     fs = KiwiFS(repo, layout, opts.cache_bytes, audit)
-    # from the mount syscall on, a signal must end in the loop's unmount: held here until the
-    # loop's receiver takes them (Python runs handlers in the main thread, whichever thread
-    # the kernel picked), and after it closes, during the unmount
-    held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in ENDING_SIGNALS}
+    signals = EndingSignals()
+    signals.install()
     try:
-        return _serve(site, rec, layout, opts, session, ready, audit, fs, held)
+        return _serve(site, rec, layout, opts, session, ready, audit, fs, signals)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in held:  # a Ctrl-C pressed again asked for what is done: not an error exit now
+        for sig in signals.late:  # a Ctrl-C pressed again asked for what is done: not an error exit
             log.info("signal %s during the unmount: ignored", signal.Signals(sig).name)
 
 
+class EndingSignals:
+    """SIGINT, SIGTERM and SIGHUP, from just before the mount syscall to the process's exit.
+
+    Until the loop's receiver takes over they are held for it (Python runs the handler in the
+    main thread, whichever thread the kernel picked), so none kills the process with its mount
+    left in place. Once the loop has stopped they are only noted for a grace period (an
+    impatient second Ctrl-C); past it, the unmount is stuck (a worker waiting on a stalled
+    store, the audit trail's lock) and a signal ends the process at once, by that signal, as
+    `kiwi-restore umount` expects of its SIGTERM. The handler stays until the process exits:
+    only the CLI's last lines run after serve()."""
+
+    GRACE = 2.0  # seconds after the loop stopped
+
+    def __init__(self) -> None:
+        self.early: list[int] = []  # before the loop's receiver: the loop handles them
+        self.late: list[int] = []  # after the loop stopped, within the grace
+        self.stopped_at: float | None = None
+
+    def install(self) -> None:
+        for sig in ENDING_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def loop_stopped(self) -> None:
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+            self.late.extend(self.early)  # given back by the receiver as it closed
+            self.early.clear()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.stopped_at is None:
+            self.early.append(signum)
+        elif time.monotonic() - self.stopped_at < self.GRACE:
+            self.late.append(signum)
+        else:
+            log.warning("signal %s while the unmount has been stuck for %.0f s: exiting now",
+                        signal.Signals(signum).name, time.monotonic() - self.stopped_at)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
 def _serve(site: Site, rec: ContractRecord, layout: Layout, opts: MountOptions, session: str,
-           ready: Callable[[str | None], None], audit: AuditWriter, fs: KiwiFS, held: list[int]) -> int:
+           ready: Callable[[str | None], None], audit: AuditWriter, fs: KiwiFS, signals: EndingSignals) -> int:
     import pyfuse3
     import trio
 
@@ -314,7 +348,7 @@ def _serve(site: Site, rec: ContractRecord, layout: Layout, opts: MountOptions, 
     try:
         log.info("contract %s: %d snapshot(s) mounted on %s (session %s)", rec.name, len(snaps),
                  opts.mountpoint, session)
-        trio.run(_main, fs, site, rec, opts, ready, reason, held)
+        trio.run(_main, fs, site, rec, opts, ready, reason, signals)
         clean = True
     except BaseException as exc:
         reason[0] = f"failed: {type(exc).__name__}: {exc}"
@@ -322,6 +356,7 @@ def _serve(site: Site, rec: ContractRecord, layout: Layout, opts: MountOptions, 
                       opts.mountpoint)
         ready(_("the mount failed: {err}").format(err=exc))
     finally:
+        signals.loop_stopped()  # (done by the receiver, unless the loop failed before it ran)
         pyfuse3.close(unmount=clean)
         try:
             os.unlink(state)
@@ -334,7 +369,7 @@ def _serve(site: Site, rec: ContractRecord, layout: Layout, opts: MountOptions, 
 
 
 async def _main(fs: KiwiFS, site: Site, rec: ContractRecord, opts: MountOptions,
-                ready: Callable[[str | None], None], reason: list[str], held: list[int]) -> None:
+                ready: Callable[[str | None], None], reason: list[str], signals: EndingSignals) -> None:
     import pyfuse3
     import trio
 
@@ -346,13 +381,17 @@ async def _main(fs: KiwiFS, site: Site, rec: ContractRecord, opts: MountOptions,
         else:  # already ending: one unmount is enough
             log.info("signal %s: already unmounting", signal.Signals(sig).name)
 
-    async def signals() -> None:
-        # whatever the receiver still holds when it closes, it raises again: into our handler
-        with trio.open_signal_receiver(*ENDING_SIGNALS) as received:
-            while held:  # came before the loop ran
-                end(held.pop(0))
-            async for sig in received:
-                end(sig)
+    async def receive() -> None:
+        try:
+            # what the receiver still holds when it closes, it raises again, into signals'
+            # handler (before the loop counts as stopped: noted, as during the loop)
+            with trio.open_signal_receiver(*ENDING_SIGNALS) as received:
+                while signals.early:  # came before the loop ran
+                    end(signals.early.pop(0))
+                async for sig in received:
+                    end(sig)
+        finally:
+            signals.loop_stopped()
 
     async def announce() -> None:
         try:
@@ -385,7 +424,7 @@ async def _main(fs: KiwiFS, site: Site, rec: ContractRecord, opts: MountOptions,
 
     async with trio.open_nursery() as nursery:
         fs.start(nursery)
-        nursery.start_soon(signals)
+        nursery.start_soon(receive)
         nursery.start_soon(announce)
         nursery.start_soon(watch_access)
         nursery.start_soon(_trim_memory)
