@@ -264,6 +264,7 @@ def serve(site: Site, rec: ContractRecord, repo: Repository, layout: Layout, opt
     try:
         return _serve(site, rec, layout, opts, session, ready, audit, fs, signals)
     finally:
+        signals.loop_stopped()  # (already, unless the mount failed before its loop ran)
         for sig in signals.late:  # a Ctrl-C pressed again asked for what is done: not an error exit
             log.info("signal %s during the unmount: ignored", signal.Signals(sig).name)
 
