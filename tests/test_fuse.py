@@ -8,6 +8,7 @@ signals, unmount and the audit trail are checked against the same real mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,28 @@ def umount(mp: Path, pid: int | None = None) -> None:
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not alive(pid), f"mount process {pid} still running"
+
+
+@contextlib.contextmanager
+def foreground_mount(contract: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A one-file snapshot of CONTRACT being mounted by `mount --foreground` in a child
+    process (not waited for); the process and the mount, if left, are cleared afterwards."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"a")
+    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "kiwi_restore.cli", "mount", contract, str(mnt), "--foreground"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc, mnt
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)])
 
 
 def snapshot_dirs(mp: Path, machine: str) -> list[str]:
@@ -531,15 +555,7 @@ def test_a_signal_as_the_mount_appears_still_unmounts(contract: str, tmp_path: P
     once killed the process with the mount left dead (Ctrl-C at once), or hung the loop on its
     own first stat of the mount (a few ms later), so a Ctrl-C went unanswered. The delays
     spread the signals over that window; which moment each hits varies with the machine."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_bytes(b"a")
-    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "kiwi_restore.cli", "mount", contract, str(mnt), "--foreground"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with foreground_mount(contract, tmp_path) as (proc, mnt):
         deadline = time.monotonic() + 60
         while not mounted(mnt):  # no sleep: the signal must come as soon as the mount exists
             assert proc.poll() is None, proc.communicate()
@@ -547,12 +563,6 @@ def test_a_signal_as_the_mount_appears_still_unmounts(contract: str, tmp_path: P
         time.sleep(delay)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if mounted(mnt):
-            subprocess.run(["fusermount3", "-uz", str(mnt)])
     assert proc.returncode == 0, err.decode()
     assert f"signal {sig.name}: unmounting".encode() in err
     assert not mounted(mnt)
@@ -563,15 +573,7 @@ def test_a_signal_during_a_stuck_unmount_is_noted_then_ends_the_process(contract
     """After the loop stops, a signal within the grace (a Ctrl-C pressed twice) is only noted;
     past it the unmount is stuck (here on the audit trail's lock, held by another writer) and
     a signal ends the process, as `kiwi-restore umount` expects of its SIGTERM."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_bytes(b"a")
-    run_cli("backup", contract, str(src), "-m", "pc1", check=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "kiwi_restore.cli", "mount", contract, str(mnt), "--foreground"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with foreground_mount(contract, tmp_path) as (proc, mnt):
         deadline = time.monotonic() + 60
         while not (mounted(mnt) and (mnt / "pc1").exists()):  # mounted and answering
             assert proc.poll() is None, proc.communicate()
@@ -590,12 +592,7 @@ def test_a_signal_during_a_stuck_unmount_is_noted_then_ends_the_process(contract
             proc.send_signal(signal.SIGTERM)  # past it: the process ends, by that signal
             proc.wait(timeout=10)
             assert time.monotonic() - stopped < 20  # not after the lock's own 30 s wait
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        _, err = proc.communicate()
-        if mounted(mnt):
-            subprocess.run(["fusermount3", "-uz", str(mnt)])
+    _, err = proc.communicate()
     assert proc.returncode == -signal.SIGTERM, err.decode()
     assert b"signal SIGTERM while the unmount has been stuck" in err
     assert not mounted(mnt)
